@@ -1,0 +1,32 @@
+/*
+ * json_reader.h — a small read-only JSON parser, enough for a plugin to read
+ * the host's requests. A real plugin would use its language's JSON library.
+ */
+#ifndef PB_REF_JSON_READER_H
+#define PB_REF_JSON_READER_H
+
+#include <stddef.h>
+
+typedef enum { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } json_kind;
+
+typedef struct json_value {
+    json_kind kind;
+    double number;            /* JSON_NUMBER, JSON_BOOL (0/1) */
+    char *string;             /* JSON_STRING: decoded UTF-8, NUL-terminated */
+    size_t count;             /* JSON_ARRAY / JSON_OBJECT: number of items */
+    struct json_value *items; /* JSON_ARRAY / JSON_OBJECT: the items */
+    char **keys;              /* JSON_OBJECT: one key per item */
+} json_value;
+
+/** Parses `text`; returns NULL on malformed input. Free with json_free. */
+json_value *json_parse(const char *text);
+void json_free(json_value *value);
+
+/** The member `key` of an object, or NULL. */
+const json_value *json_get(const json_value *object, const char *key);
+/** Convenience readers that fall back to `fallback` when absent or of another kind. */
+double json_get_number(const json_value *object, const char *key, double fallback);
+const char *json_get_string(const json_value *object, const char *key);
+int json_get_bool(const json_value *object, const char *key, int fallback);
+
+#endif

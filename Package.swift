@@ -1,0 +1,67 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "patchbay",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "patchbay", targets: ["patchbay"]),
+        // The reference backend plugin: a plain-C template for third-party authors.
+        .library(name: "PatchbayReferencePlugin", type: .dynamic, targets: ["PatchbayReferencePlugin"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
+    ],
+    targets: [
+        // The plugin ABI: one C header, no state.
+        .target(name: "CPatchbayABI", path: "Sources/CPatchbayABI"),
+        // Schemas, validation, dialect translation and SSE encoding. Foundation only.
+        .target(name: "PatchbayCore", path: "Sources/PatchbayCore"),
+        // dlopen + ABI negotiation, model registry, cancel registry.
+        .target(
+            name: "PatchbayHost",
+            dependencies: [
+                "CPatchbayABI", "PatchbayCore",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Sources/PatchbayHost"
+        ),
+        // HTTP routes (Hummingbird 2).
+        .target(
+            name: "PatchbayServer",
+            dependencies: [
+                "PatchbayCore", "PatchbayHost",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            path: "Sources/PatchbayServer"
+        ),
+        .executableTarget(
+            name: "patchbay",
+            dependencies: [
+                "PatchbayServer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Sources/patchbay"
+        ),
+        .target(
+            name: "PatchbayReferencePlugin", dependencies: ["CPatchbayABI"], path: "Examples/ReferencePlugin",
+            publicHeadersPath: "."),
+        .testTarget(name: "PatchbayCoreTests", dependencies: ["PatchbayCore"], path: "Tests/PatchbayCoreTests"),
+        .testTarget(name: "PatchbayHostTests", dependencies: ["PatchbayHost"], path: "Tests/PatchbayHostTests"),
+        .testTarget(
+            name: "PatchbayServerTests",
+            dependencies: [
+                "PatchbayServer",
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+            ],
+            path: "Tests/PatchbayServerTests"
+        ),
+    ]
+)

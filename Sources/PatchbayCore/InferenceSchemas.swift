@@ -1,0 +1,57 @@
+/// `POST /api/inference/load`: the reference's `LoadRequest` fields that apply to
+/// plugin backends, plus `backend` (a plugin name) and `alias` (the id clients use).
+/// The whole body is also handed to the plugin, which reads what it understands.
+public struct LoadModelRequest: Decodable, Sendable {
+    public var modelPath: String
+    public var backend: String?
+    public var alias: String?
+    public var maxSeqLength: Int?
+    public var chatTemplateOverride: String?
+    public var cacheTypeKV: String?
+    public var ggufVariant: String?
+    public var forceReload: Bool?
+
+    enum CodingKeys: String, CodingKey {
+        case backend, alias
+        case modelPath = "model_path"
+        case maxSeqLength = "max_seq_length"
+        case chatTemplateOverride = "chat_template_override"
+        case cacheTypeKV = "cache_type_kv"
+        case ggufVariant = "gguf_variant"
+        case forceReload = "force_reload"
+    }
+
+    public static let kvCacheTypes = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+
+    public func validate() throws(APIError) {
+        if modelPath.isEmpty {
+            throw .invalidRequest("'model_path' must not be empty.", param: "model_path", code: "invalid_value")
+        }
+        try checkRange(maxSeqLength, 0...1_048_576, "max_seq_length")
+        if let cacheTypeKV, !Self.kvCacheTypes.contains(cacheTypeKV) {
+            throw .invalidRequest("Invalid value for 'cache_type_kv': expected one of \(Self.kvCacheTypes.joined(separator: ", ")).",
+                                  param: "cache_type_kv", code: "invalid_value")
+        }
+        if let alias, alias.isEmpty {
+            throw .invalidRequest("'alias' must not be empty.", param: "alias", code: "invalid_value")
+        }
+    }
+}
+
+/// `POST /api/inference/unload` and `POST /api/inference/validate`.
+public struct ModelReferenceRequest: Decodable, Sendable {
+    public var modelPath: String
+    public var backend: String?
+    public var forceCancelActive: Bool?
+
+    enum CodingKeys: String, CodingKey {
+        case backend
+        case modelPath = "model_path"
+        case forceCancelActive = "force_cancel_active"
+    }
+}
+
+/// `POST /api/plugins/load`.
+public struct PluginLoadRequest: Decodable, Sendable {
+    public var path: String
+}

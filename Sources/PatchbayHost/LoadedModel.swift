@@ -1,0 +1,129 @@
+import CPatchbayABI
+import Foundation
+import PatchbayCore
+import Synchronization
+
+/// A model a plugin holds, and the runs alive on it.
+public final class LoadedModel: Sendable {
+    /// The name clients use in `model` (an alias, or the file's name without extension).
+    public let id: String
+    public let modelPath: String
+    public let plugin: Plugin
+    /// Effective context length in tokens; nil when the plugin does not know.
+    public let contextLength: Int?
+    public let capabilities: Capabilities
+    public let loadedAt: Date
+    nonisolated(unsafe) let handle: OpaquePointer
+
+    private struct RunState {
+        var nextRunID: UInt64 = 0
+        var runs: [UInt64: WeakRun] = [:]
+        var accepting = true
+        var idleWaiters: [CheckedContinuation<Void, Never>] = []
+    }
+
+    private let runState = Mutex(RunState())
+
+    init(id: String, modelPath: String, plugin: Plugin, handle: OpaquePointer) {
+        self.id = id
+        self.modelPath = modelPath
+        self.plugin = plugin
+        self.handle = handle
+        var info = pb_model_info()
+        info.struct_size = UInt32(MemoryLayout<pb_model_info>.size)
+        plugin.api.pointee.model_info(handle, &info)
+        contextLength = info.context_length > 0 ? Int(info.context_length) : nil
+        // A model can narrow its plugin's capabilities (vision only with a projector), never widen them.
+        let modelCapabilities = info.capabilities == 0 ? plugin.capabilities : Capabilities(rawValue: info.capabilities)
+        capabilities = modelCapabilities.intersection(plugin.capabilities)
+        loadedAt = Date()
+    }
+
+    /// Creates a run for a normalized request. Cheap; the engine starts in `Run.start()`.
+    public func createRun(_ request: NormalizedRequest) throws(APIError) -> Run {
+        let json = request.json.jsonString
+        let runID = try runState.withLock { state throws(APIError) -> UInt64 in
+            guard state.accepting else { throw .notFound("Model '\(id)' is being unloaded.", code: "model_not_found") }
+            state.nextRunID += 1
+            return state.nextRunID
+        }
+        var handle: OpaquePointer?
+        var error = [CChar](repeating: 0, count: 1024)
+        let status = plugin.api.pointee.run_create(self.handle, json, &handle, &error, error.count)
+        guard status == Int32(PB_OK), let handle else {
+            throw APIError(pluginStatus: status, message: cMessage(error) ?? "the plugin refused the request")
+        }
+        let run = Run(model: self, id: runID, handle: handle)
+        runState.withLock { $0.runs[runID] = WeakRun(run) }
+        return run
+    }
+
+    func runEnded(_ runID: UInt64) {
+        let waiters = runState.withLock { state -> [CheckedContinuation<Void, Never>] in
+            state.runs[runID] = nil
+            guard state.runs.isEmpty else { return [] }
+            defer { state.idleWaiters = [] }
+            return state.idleWaiters
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
+    public var activeRunCount: Int { runState.withLock { $0.runs.count } }
+
+    /// Stops taking new runs. Returns how many are still alive.
+    func stopAccepting() -> Int {
+        runState.withLock { state in
+            state.accepting = false
+            return state.runs.count
+        }
+    }
+
+    /// Cancels every live run of this model.
+    func cancelRuns() {
+        // Strong references taken under the lock keep each handle alive while it is cancelled.
+        let runs = runState.withLock { state in state.runs.values.compactMap(\.run) }
+        for run in runs { run.cancel() }
+    }
+
+    /// Returns once no run of this model is alive.
+    func waitUntilIdle() async {
+        await withCheckedContinuation { continuation in
+            let idle = runState.withLock { state in
+                if state.runs.isEmpty { return true }
+                state.idleWaiters.append(continuation)
+                return false
+            }
+            if idle { continuation.resume() }
+        }
+    }
+
+    /// Releases the engine's model. Only once no run is alive; blocks while the plugin cleans up.
+    func release() {
+        plugin.api.pointee.unload(handle)
+    }
+
+    /// Counts tokens through the plugin's optional tokenize capability.
+    public func countTokens(_ request: NormalizedRequest) throws(APIError) -> Int {
+        guard let countTokens = plugin.api.pointee.count_tokens, capabilities.contains(.tokenize) else {
+            throw .invalidRequest("The backend '\(plugin.name)' of model '\(id)' cannot count tokens.", code: "unsupported_capability")
+        }
+        var count: Int64 = 0
+        var error = [CChar](repeating: 0, count: 1024)
+        let status = countTokens(handle, request.json.jsonString, &count, &error, error.count)
+        guard status == Int32(PB_OK) else {
+            throw APIError(pluginStatus: status, message: cMessage(error) ?? "token counting failed")
+        }
+        return Int(count)
+    }
+}
+
+private struct WeakRun {
+    weak var run: Run?
+    init(_ run: Run) { self.run = run }
+}
+
+/// The NUL-terminated message a plugin wrote into an error buffer; nil when it wrote none.
+func cMessage(_ buffer: [CChar]) -> String? {
+    let bytes = buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }
+    return bytes.isEmpty ? nil : String(decoding: bytes, as: UTF8.self)
+}

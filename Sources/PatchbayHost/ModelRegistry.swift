@@ -1,0 +1,223 @@
+import CPatchbayABI
+import Foundation
+import Logging
+import PatchbayCore
+import Synchronization
+
+/// Which plugin holds which model: loading (with progress), serving, unloading.
+public final class ModelRegistry: Sendable {
+    /// Progress of one load, as `/api/inference/load-progress` reports it.
+    public struct LoadProgress: Sendable, Equatable {
+        public var modelID: String?
+        public var phase: String?
+        public var bytesLoaded: UInt64 = 0
+        public var bytesTotal: UInt64 = 0
+
+        public var fraction: Double {
+            if phase == "ready" { return 1 }
+            guard bytesTotal > 0 else { return 0 }
+            return min(1, Double(bytesLoaded) / Double(bytesTotal))
+        }
+
+        static let idle = LoadProgress()
+    }
+
+    private struct State {
+        var models: [LoadedModel] = []
+        var loading: [String: LoadTracker] = [:]
+        /// The load that started last, so a UI polling without naming a model sees it.
+        var latestLoad: LoadTracker?
+    }
+
+    public let plugins: PluginCatalog
+    private let state = Mutex(State())
+    private let logger: Logger
+
+    public init(plugins: PluginCatalog, logger: Logger) {
+        self.plugins = plugins
+        self.logger = logger
+    }
+
+    public var models: [LoadedModel] { state.withLock { $0.models } }
+    public var loadingIDs: [String] { state.withLock { $0.loading.keys.sorted() } }
+
+    /// The model a request names. No name (or "default") means the model loaded first.
+    public func model(named name: String?) throws(APIError) -> LoadedModel {
+        let models = self.models
+        guard let name, !name.isEmpty, name != "default" else {
+            guard let first = models.first else {
+                throw .invalidRequest("No model is loaded. Load one with POST /api/inference/load.", param: "model", code: "model_not_loaded")
+            }
+            return first
+        }
+        guard let model = models.first(where: { $0.id == name || $0.modelPath == name }) else {
+            throw APIError(status: 404, message: "The model '\(name)' does not exist or is not loaded.", param: "model", code: "model_not_found")
+        }
+        return model
+    }
+
+    /// Resolves which plugin would serve `path` (an explicit `backend` wins over the file's extension).
+    public func resolvePlugin(modelPath path: String, backend: String?) throws(APIError) -> Plugin {
+        if let backend, !backend.isEmpty {
+            guard let plugin = plugins.plugin(named: backend) else {
+                let known = plugins.plugins.map(\.name).joined(separator: ", ")
+                throw .invalidRequest("No backend plugin named '\(backend)' is loaded (loaded: \(known.isEmpty ? "none" : known)).",
+                                      param: "backend", code: "backend_not_found")
+            }
+            return plugin
+        }
+        guard let plugin = plugins.plugin(forModelPath: path) else {
+            let ext = URL(fileURLWithPath: path).pathExtension
+            throw .invalidRequest("No loaded backend plugin claims '.\(ext)' files; name one with 'backend'.",
+                                  param: "model_path", code: "no_backend_for_format")
+        }
+        return plugin
+    }
+
+    /// Loads a model; blocks the caller (not a thread) until it is ready, failed or cancelled.
+    /// `body` is the whole load request, handed to the plugin as JSON.
+    public func load(_ request: LoadModelRequest, body: JSONValue) async throws(APIError) -> (model: LoadedModel, alreadyLoaded: Bool) {
+        try request.validate()
+        let path = request.modelPath
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw APIError(status: 404, message: "Model file not found: \(path)", param: "model_path", code: "model_not_found")
+        }
+        let plugin = try resolvePlugin(modelPath: path, backend: request.backend)
+        let id = request.alias ?? URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent
+        let tracker = LoadTracker(modelID: id)
+
+        let existing = try state.withLock { state throws(APIError) -> LoadedModel? in
+            if state.loading[id] != nil { throw .conflict("Model '\(id)' is already loading.", code: "load_in_progress") }
+            if let model = state.models.first(where: { $0.id == id }), request.forceReload != true { return model }
+            state.loading[id] = tracker
+            state.latestLoad = tracker
+            return nil
+        }
+        if let existing {
+            guard existing.modelPath == path else {
+                throw .conflict("A different model is already loaded as '\(id)' (\(existing.modelPath)); unload it or choose another 'alias'.",
+                                code: "model_id_taken")
+            }
+            return (existing, true)
+        }
+        defer { state.withLock { _ = $0.loading.removeValue(forKey: id) } }
+        if request.forceReload == true, let old = models.first(where: { $0.id == id }) {
+            try await unload(old, forceCancelActive: true)
+        }
+
+        logger.info("loading model", metadata: ["model": .string(id), "backend": .string(plugin.name), "path": .string(path)])
+        let requestJSON = body.jsonString
+        let outcome = await onDedicatedThread(name: "patchbay-load") { () -> Result<LoadedModel, APIError> in
+            var callbacks = pb_load_callbacks(
+                struct_size: UInt32(MemoryLayout<pb_load_callbacks>.size),
+                context: Unmanaged.passUnretained(tracker).toOpaque(),
+                progress: { context, phase, loaded, total in
+                    guard let context else { return 0 }
+                    let tracker = Unmanaged<LoadTracker>.fromOpaque(context).takeUnretainedValue()
+                    return tracker.report(phase: phase.map { String(cString: $0) }, loaded: loaded, total: total) ? 0 : 1
+                })
+            var handle: OpaquePointer?
+            var error = [CChar](repeating: 0, count: 2048)
+            let status = withExtendedLifetime(tracker) {
+                plugin.api.pointee.load(requestJSON, &callbacks, &handle, &error, error.count)
+            }
+            guard status == Int32(PB_OK), let handle else {
+                let message = cMessage(error) ?? "the backend could not load the model"
+                if status == Int32(PB_ERR_CANCELLED) || tracker.isCancelled {
+                    return .failure(.conflict("Model load cancelled: \(message)", code: "load_cancelled"))
+                }
+                return .failure(APIError(pluginStatus: status, message: message))
+            }
+            return .success(LoadedModel(id: id, modelPath: path, plugin: plugin, handle: handle))
+        }
+        let model = try outcome.get()
+        tracker.markReady()
+        state.withLock { state in
+            state.models.removeAll { $0.id == id }
+            state.models.append(model)
+        }
+        logger.info("model ready", metadata: ["model": .string(id), "context_length": .stringConvertible(model.contextLength ?? 0)])
+        return (model, false)
+    }
+
+    /// Unloads a model by id or path. A model still loading has its load cancelled.
+    /// With live runs: 409, unless `forceCancelActive`, which cancels them and waits for them to end.
+    /// Returns the id that was unloaded.
+    @discardableResult
+    public func unload(named name: String, forceCancelActive: Bool) async throws(APIError) -> String {
+        if let tracker = state.withLock({ $0.loading[name] }) {
+            tracker.cancel()
+            return tracker.modelID
+        }
+        guard let model = models.first(where: { $0.id == name || $0.modelPath == name }) else {
+            throw APIError(status: 404, message: "The model '\(name)' is not loaded.", param: "model_path", code: "model_not_found")
+        }
+        try await unload(model, forceCancelActive: forceCancelActive)
+        return model.id
+    }
+
+    private func unload(_ model: LoadedModel, forceCancelActive: Bool) async throws(APIError) {
+        if !forceCancelActive && model.activeRunCount > 0 {
+            throw .conflict("Model '\(model.id)' has \(model.activeRunCount) active generation(s); cancel them or pass force_cancel_active=true.",
+                            code: "active_generations")
+        }
+        state.withLock { $0.models.removeAll { $0 === model } }
+        _ = model.stopAccepting()
+        model.cancelRuns()
+        await model.waitUntilIdle()
+        await onDedicatedThread(name: "patchbay-unload") { model.release() }
+        logger.info("model unloaded", metadata: ["model": .string(model.id)])
+    }
+
+    /// Unloads everything (shutdown): cancels loads and runs, then releases every model.
+    public func unloadAll() async {
+        let (models, loads) = state.withLock { ($0.models, Array($0.loading.values)) }
+        for load in loads { load.cancel() }
+        for model in models { try? await unload(model, forceCancelActive: true) }
+    }
+
+    /// Progress of the named load, or of the latest one.
+    public func loadProgress(modelID: String? = nil) -> LoadProgress {
+        state.withLock { state in
+            if let modelID, let tracker = state.loading[modelID] { return tracker.progress }
+            if modelID == nil, let tracker = state.latestLoad { return tracker.progress }
+            if let modelID, state.models.contains(where: { $0.id == modelID }) {
+                return LoadProgress(modelID: modelID, phase: "ready", bytesLoaded: 0, bytesTotal: 0)
+            }
+            return .idle
+        }
+    }
+}
+
+/// One load in flight: the progress the plugin reports and the host's cancel flag.
+final class LoadTracker: Sendable {
+    let modelID: String
+    private let state: Mutex<ModelRegistry.LoadProgress>
+    private let cancelled = Atomic<Bool>(false)
+
+    init(modelID: String) {
+        self.modelID = modelID
+        state = Mutex(ModelRegistry.LoadProgress(modelID: modelID, phase: "starting"))
+    }
+
+    /// Returns false when the load should stop.
+    func report(phase: String?, loaded: UInt64, total: UInt64) -> Bool {
+        state.withLock { progress in
+            if let phase { progress.phase = phase }
+            progress.bytesLoaded = loaded
+            progress.bytesTotal = total
+        }
+        return !isCancelled
+    }
+
+    func markReady() {
+        state.withLock { progress in
+            progress.phase = "ready"
+            progress.bytesLoaded = max(progress.bytesLoaded, progress.bytesTotal)
+        }
+    }
+
+    func cancel() { cancelled.store(true, ordering: .relaxed) }
+    var isCancelled: Bool { cancelled.load(ordering: .relaxed) }
+    var progress: ModelRegistry.LoadProgress { state.withLock { $0 } }
+}

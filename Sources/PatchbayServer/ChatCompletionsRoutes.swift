@@ -1,0 +1,68 @@
+import Foundation
+import HTTPTypes
+import Hummingbird
+import PatchbayCore
+import PatchbayHost
+
+/// `POST /v1/chat/completions`
+struct ChatCompletionsRoutes {
+    let state: ServerState
+
+    func register(on router: Router<some RequestContext>) {
+        router.post("/v1/chat/completions") { request, _ in try await handle(request) }
+    }
+
+    func handle(_ request: Request) async throws -> Response {
+        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
+        let chat = try RequestDecoding.decode(ChatCompletionRequest.self, from: body)
+        try chat.validate()
+        let model = try state.models.model(named: chat.model)
+        var normalized = chat.normalized(maxTokens: state.defaultMaxTokens(for: model), maxWallMilliseconds: state.maxWallMilliseconds)
+        try check(normalized, against: model)
+        if normalized.tools?.isEmpty == true { normalized.tools = nil }
+
+        let id = "chatcmpl-\(randomHex(24))"
+        let created = Int(Date().timeIntervalSince1970)
+        let lease = try state.startRun(on: model, request: normalized, keys: [
+            chat.cancelID.map(CancelRegistry.Key.cancelID), chat.sessionID.map(CancelRegistry.Key.session), .completion(id),
+        ].compactMap { $0 })
+
+        guard chat.isStreaming else {
+            var result = ChatCompletionAccumulator()
+            try await lease.pump { events in events.forEach { result.add($0) } }
+            if let error = result.error { throw error }
+            return JSONResponse.bytes(result.response(id: id, created: created, model: model.id))
+        }
+
+        let encoder = ChatCompletionStreamEncoder(id: id, created: created, model: model.id,
+                                                  includeUsage: chat.streamOptions?.includeUsage ?? false)
+        return Response(status: .ok, headers: eventStreamHeaders, body: ResponseBody { [encoder] writer in
+            var encoder = encoder
+            try await lease.pump { events in
+                var out: [UInt8] = []
+                for event in events { encoder.encode(event, into: &out) }
+                if !out.isEmpty { try await writer.write(ByteBuffer(bytes: out)) }
+            }
+            try await writer.finish(nil)
+        })
+    }
+
+    /// Refuses, before any engine work, what the model cannot do.
+    private func check(_ request: NormalizedRequest, against model: LoadedModel) throws(APIError) {
+        if !model.capabilities.contains(.chat) {
+            throw .invalidRequest("Model '\(model.id)' (backend '\(model.plugin.name)') does not support chat.", param: "model", code: "unsupported_capability")
+        }
+        if request.hasImage && !model.capabilities.contains(.visionInput) {
+            throw .invalidRequest("Image provided but model '\(model.id)' does not support vision.", param: "messages", code: "unsupported_capability")
+        }
+        if request.tools?.isEmpty == false && !model.capabilities.contains(.tools) {
+            throw .invalidRequest("Model '\(model.id)' (backend '\(model.plugin.name)') does not support tools.", param: "tools", code: "unsupported_parameter")
+        }
+    }
+}
+
+let eventStreamHeaders: HTTPFields = [
+    .contentType: "text/event-stream",
+    .cacheControl: "no-cache",
+    HTTPField.Name("X-Accel-Buffering")!: "no",
+]

@@ -1,0 +1,116 @@
+import Foundation
+import Hummingbird
+import PatchbayCore
+import PatchbayHost
+
+/// The model-management routes under `/api/inference`: load, unload, validate,
+/// status, load-progress, and the cancel route (deliberately not under `/v1`).
+struct InferenceRoutes {
+    let state: ServerState
+
+    func register(on router: Router<some RequestContext>) {
+        let group = router.group("/api/inference")
+        group.post("/load") { request, _ in try await load(request) }
+        group.post("/unload") { request, _ in try await unload(request) }
+        group.post("/validate") { request, _ in try await validate(request) }
+        group.get("/status") { _, _ in status() }
+        group.get("/load-progress") { request, _ in
+            progress(state.models.loadProgress(modelID: request.uri.queryParameters["model"].map(String.init)))
+        }
+        group.post("/cancel") { request, _ in try await cancel(request) }
+    }
+
+    private func load(_ request: Request) async throws -> Response {
+        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
+        let load = try RequestDecoding.decode(LoadModelRequest.self, from: body)
+        let raw = try RequestDecoding.decode(JSONValue.self, from: body)
+        let (model, alreadyLoaded) = try await state.models.load(load, body: raw)
+        var summary = model.statusObject
+        if case .object(var members) = summary {
+            members.insert(("status", .string(alreadyLoaded ? "already_loaded" : "loaded")), at: 0)
+            summary = .object(members)
+        }
+        return JSONResponse.value(summary)
+    }
+
+    private func unload(_ request: Request) async throws -> Response {
+        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
+        let unload = try RequestDecoding.decode(ModelReferenceRequest.self, from: body)
+        let id = try await state.models.unload(named: unload.modelPath, forceCancelActive: unload.forceCancelActive ?? false)
+        return JSONResponse.value(.object([("status", .string("unloaded")), ("model", .string(id))]))
+    }
+
+    /// Checks that a model could be loaded (file exists, a plugin claims it) without loading weights.
+    private func validate(_ request: Request) async throws -> Response {
+        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
+        let target = try RequestDecoding.decode(ModelReferenceRequest.self, from: body)
+        let path = target.modelPath
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw APIError(status: 400, message: "Model file not found: \(path)", param: "model_path", code: "model_not_found")
+        }
+        let plugin = try state.models.resolvePlugin(modelPath: path, backend: target.backend)
+        let url = URL(fileURLWithPath: path)
+        return JSONResponse.value(.object([
+            ("valid", .bool(true)),
+            ("message", .string("'\(url.lastPathComponent)' can be loaded by the '\(plugin.name)' backend.")),
+            ("identifier", .string(path)),
+            ("display_name", .string(url.deletingPathExtension().lastPathComponent)),
+            ("is_gguf", .bool(url.pathExtension.lowercased() == "gguf")),
+            ("is_lora", .bool(false)),
+            ("is_vision", .bool(plugin.capabilities.contains(.visionInput))),
+            ("backend", .string(plugin.name)),
+        ]))
+    }
+
+    private func status() -> Response {
+        let models = state.models.models
+        let active = models.first
+        return JSONResponse.value(.object([
+            ("active_model", active.map { .string($0.id) } ?? .null),
+            ("is_gguf", .bool(active.map { $0.modelPath.lowercased().hasSuffix(".gguf") } ?? false)),
+            ("context_length", active?.contextLength.map { .int(Int64($0)) } ?? .null),
+            ("loaded", .array(models.map { .string($0.id) })),
+            ("loading", .array(state.models.loadingIDs.map(JSONValue.string))),
+            ("models", .array(models.map(\.statusObject))),
+            ("active_generations", .int(Int64(state.cancels.liveRunCount))),
+        ]))
+    }
+
+    private func progress(_ progress: ModelRegistry.LoadProgress) -> Response {
+        JSONResponse.value(.object([
+            ("model", progress.modelID.map(JSONValue.string) ?? .null),
+            ("phase", progress.phase.map(JSONValue.string) ?? .null),
+            ("bytes_loaded", .int(Int64(progress.bytesLoaded))),
+            ("bytes_total", .int(Int64(progress.bytesTotal))),
+            ("fraction", .double(progress.fraction)),
+        ]))
+    }
+
+    /// `{"cancelled": N}`. A body that is not a JSON object, or names no usable key,
+    /// cancels nothing — it never means "cancel everything".
+    private func cancel(_ request: Request) async throws -> Response {
+        let body = try await request.collectBody(limit: 64 * 1024)
+        let json = (try? JSONDecoder().decode(JSONValue.self, from: body)) ?? .null
+        func key(_ name: String) -> String? { json[name]?.stringValue.flatMap { $0.isEmpty ? nil : $0 } }
+        let cancelled = state.cancels.cancel(CancelRegistry.Target(
+            cancelID: key("cancel_id"), sessionID: key("session_id"), completionID: key("completion_id"), messageID: key("message_id")))
+        return JSONResponse.value(.object([("cancelled", .int(Int64(cancelled)))]))
+    }
+}
+
+extension LoadedModel {
+    var statusObject: JSONValue {
+        .object([
+            ("model", .string(id)),
+            ("model_path", .string(modelPath)),
+            ("backend", .string(plugin.name)),
+            ("context_length", contextLength.map { .int(Int64($0)) } ?? .null),
+            ("is_gguf", .bool(modelPath.lowercased().hasSuffix(".gguf"))),
+            ("is_vision", .bool(capabilities.contains(.visionInput))),
+            ("supports_tools", .bool(capabilities.contains(.tools))),
+            ("supports_reasoning", .bool(capabilities.contains(.reasoning))),
+            ("capabilities", .array(capabilities.names.map(JSONValue.string))),
+            ("active_generations", .int(Int64(activeRunCount))),
+        ])
+    }
+}

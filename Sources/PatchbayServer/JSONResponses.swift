@@ -1,0 +1,37 @@
+import Foundation
+import Hummingbird
+import PatchbayCore
+
+extension Request {
+    /// The body, refused with 413 past the configured limit (checked against
+    /// Content-Length first, so an oversized upload is not read at all).
+    func collectBody(limit: Int) async throws -> Data {
+        if let length = headers[.contentLength].flatMap(Int.init), length > limit {
+            throw APIError(status: 413, message: "The request body (\(length) bytes) exceeds the limit of \(limit) bytes.",
+                           code: "request_too_large")
+        }
+        do {
+            let buffer = try await body.collect(upTo: limit)
+            return Data(buffer.readableBytesView)
+        } catch let error as any HTTPResponseError where error.status == .contentTooLarge {
+            throw APIError(status: 413, message: "The request body exceeds the limit of \(limit) bytes.", code: "request_too_large")
+        }
+    }
+}
+
+enum JSONResponse {
+    static func bytes(_ bytes: [UInt8], status: HTTPResponse.Status = .ok) -> Response {
+        Response(status: status, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+
+    static func value(_ value: JSONValue, status: HTTPResponse.Status = .ok) -> Response {
+        bytes(value.jsonBytes, status: status)
+    }
+}
+
+/// A short random hex id, e.g. for `chatcmpl-…`.
+func randomHex(_ count: Int) -> String {
+    var generator = SystemRandomNumberGenerator()
+    let digits = Array("0123456789abcdef")
+    return String((0..<count).map { _ in digits[Int(generator.next() % 16)] })
+}

@@ -1,0 +1,39 @@
+import Hummingbird
+import PatchbayCore
+import PatchbayHost
+
+/// `GET /v1/models`, `GET /v1/models/{id}`
+struct ModelsRoutes {
+    let state: ServerState
+
+    func register(on router: Router<some RequestContext>) {
+        router.get("/v1/models") { _, _ in
+            JSONResponse.value(.object([
+                ("object", .string("list")),
+                ("data", .array(state.models.models.map(\.openAIModelObject))),
+            ]))
+        }
+        router.get("/v1/models/{id+}") { _, context in
+            let id = context.parameters.getCatchAll().joined(separator: "/")
+            guard let model = state.models.models.first(where: { $0.id == id }) else {
+                throw APIError(status: 404, message: "The model '\(id)' does not exist or is not loaded.", param: "model", code: "model_not_found")
+            }
+            return JSONResponse.value(model.openAIModelObject)
+        }
+    }
+}
+
+extension LoadedModel {
+    var openAIModelObject: JSONValue {
+        .object([
+            ("id", .string(id)),
+            ("object", .string("model")),
+            ("created", .int(Int64(loadedAt.timeIntervalSince1970))),
+            ("owned_by", .string("patchbay")),
+            ("backend", .string(plugin.name)),
+            ("model_path", .string(modelPath)),
+            ("context_length", contextLength.map { .int(Int64($0)) } ?? .null),
+            ("capabilities", .array(capabilities.names.map(JSONValue.string))),
+        ])
+    }
+}

@@ -1,0 +1,76 @@
+import PatchbayCore
+import PatchbayHost
+
+/// Holds a run's place in the cancel registry for as long as its response exists.
+///
+/// It is registered before the response starts, and removed on every exit path:
+/// explicitly when the run ends, and by `deinit` when a response is dropped
+/// unfinished (client gone, write failed), which also stops the engine.
+final class RunLease: Sendable {
+    let run: Run
+    private let registry: CancelRegistry
+    private let registration: CancelRegistry.RunID
+    private let watchdog: Task<Void, Never>
+
+    init(run: Run, keys: [CancelRegistry.Key], registry: CancelRegistry, maxDuration: Duration) {
+        self.run = run
+        self.registry = registry
+        registration = registry.register(keys) { [run] in run.cancel() }
+        // The backstop behind the plugin's own max_wall_ms.
+        watchdog = Task { [run] in
+            guard (try? await Task.sleep(for: maxDuration)) != nil else { return }
+            run.cancel()
+        }
+        run.start()
+    }
+
+    deinit {
+        end()
+        run.cancel()
+    }
+
+    /// Deregisters the run; idempotent.
+    func end() {
+        registry.unregister(registration)
+        watchdog.cancel()
+    }
+
+    /// Hands each batch of events to `body`, up to and including the terminal event.
+    /// If `body` throws (the client went away), the run is cancelled.
+    func pump(_ body: ([GenerationEvent]) async throws -> Void) async throws {
+        do {
+            var finished = false
+            while !finished {
+                var batch = await run.nextEvents()
+                if let terminal = batch.firstIndex(where: \.isTerminal) {
+                    batch.removeSubrange((terminal + 1)...)
+                    finished = true
+                }
+                try await body(batch)
+            }
+            end()
+        } catch {
+            run.cancel()
+            end()
+            throw error
+        }
+    }
+}
+
+extension ServerState {
+    /// Creates, registers and starts a run; the returned lease is already in the cancel registry.
+    func startRun(on model: LoadedModel, request: NormalizedRequest, keys: [CancelRegistry.Key]) throws(APIError) -> RunLease {
+        let run = try model.createRun(request)
+        return RunLease(run: run, keys: keys, registry: cancels, maxDuration: configuration.maxGenerationDuration + .seconds(1))
+    }
+
+    /// `max_tokens` when the client sets none: the model's context length, never a small number.
+    func defaultMaxTokens(for model: LoadedModel) -> Int {
+        model.contextLength ?? configuration.fallbackMaxTokens
+    }
+
+    var maxWallMilliseconds: Int {
+        let (seconds, attoseconds) = configuration.maxGenerationDuration.components
+        return Int(seconds) * 1000 + Int(attoseconds / 1_000_000_000_000_000)
+    }
+}
