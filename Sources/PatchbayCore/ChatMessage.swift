@@ -56,7 +56,7 @@ public struct ChatMessage: Decodable, Sendable {
             }
             role = known
         }
-        if try container.decodeNil(forKey: .content) {
+        if try !container.contains(.content) || container.decodeNil(forKey: .content) {
             content = nil
         } else if let text = try? container.decode(String.self, forKey: .content) {
             content = .text(text)

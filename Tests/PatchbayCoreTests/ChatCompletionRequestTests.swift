@@ -90,3 +90,17 @@ struct ChatCompletionRequestTests {
         #expect(request.normalized(maxTokens: 4096, maxWallMilliseconds: 1).maxTokens == 20)
     }
 }
+
+@Suite("Tool-call turns")
+struct ToolCallTurnTests {
+    @Test func assistantMayOmitContentWhenItCallsTools() throws {
+        let json = #"""
+            {"messages":[{"role":"user","content":"hi"},
+              {"role":"assistant","tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},
+              {"role":"tool","tool_call_id":"c1","content":"42"}]}
+            """#
+        let request = try RequestDecoding.decode(ChatCompletionRequest.self, from: Data(json.utf8))
+        try request.validate()
+        #expect(request.messages[1].content == nil)
+    }
+}
