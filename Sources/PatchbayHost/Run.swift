@@ -30,6 +30,7 @@ public final class Run: Sendable {
     /// Asks the plugin to stop this run. Idempotent, thread-safe, non-blocking.
     public func cancel() {
         model.plugin.api.pointee.run_cancel(handle)
+        channel.release()
     }
 
     /// Starts execution on a dedicated thread (plugins block while they generate).
