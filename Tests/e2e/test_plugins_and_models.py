@@ -158,3 +158,19 @@ def test_sigterm_drains_then_cancels_and_exits(workdir):
     status, body = replies[0]
     assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
     assert "cancelled generations" in server.log_path.read_text()
+
+
+def test_unload_during_load_cancels_the_load(server):
+    path = server.model_file("huge", load_ms=20000)
+    replies = []
+    loader = threading.Thread(target=lambda: replies.append(server.post("/api/inference/load", {"model_path": path})))
+    loader.start()
+    time.sleep(0.3)
+    assert server.get("/api/inference/status")[1]["loading"] == ["huge"]
+    started = time.time()
+    assert server.post("/api/inference/unload", {"model_path": "huge"})[0] == 200
+    loader.join(5)
+    assert time.time() - started < 2
+    status, body = replies[0]
+    assert status == 409 and body["error"]["code"] == "load_cancelled"
+    assert server.get("/api/inference/status")[1]["loaded"] == []
