@@ -55,13 +55,5 @@ let package = Package(
             publicHeadersPath: "."),
         .testTarget(name: "PatchbayCoreTests", dependencies: ["PatchbayCore"], path: "Tests/PatchbayCoreTests"),
         .testTarget(name: "PatchbayHostTests", dependencies: ["PatchbayHost"], path: "Tests/PatchbayHostTests"),
-        .testTarget(
-            name: "PatchbayServerTests",
-            dependencies: [
-                "PatchbayServer",
-                .product(name: "HummingbirdTesting", package: "hummingbird"),
-            ],
-            path: "Tests/PatchbayServerTests"
-        ),
     ]
 )
