@@ -1,6 +1,8 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+let pluginCSettings: [CSetting] = [.unsafeFlags(["-fvisibility=hidden"])]
+
 let package = Package(
     name: "patchbay",
     platforms: [.macOS(.v15)],
@@ -8,6 +10,8 @@ let package = Package(
         .executable(name: "patchbay", targets: ["patchbay"]),
         // The reference backend plugin: a plain-C template for third-party authors.
         .library(name: "PatchbayReferencePlugin", type: .dynamic, targets: ["PatchbayReferencePlugin"]),
+        // The backends that ship with Patchbay.
+        .library(name: "PatchbayLlamaServerPlugin", type: .dynamic, targets: ["PatchbayLlamaServerPlugin"]),
     ],
     dependencies: [
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
@@ -50,9 +54,16 @@ let package = Package(
             ],
             path: "Sources/patchbay"
         ),
+        // Plugins: plain C against the ABI header, each built into its own shared library
+        // that exports nothing but `pb_plugin_entry`.
+        .target(name: "PatchbayPluginSupport", path: "Plugins/PluginSupport", cSettings: pluginCSettings),
         .target(
-            name: "PatchbayReferencePlugin", dependencies: ["CPatchbayABI"], path: "Examples/ReferencePlugin",
-            publicHeadersPath: "."),
+            name: "PatchbayReferencePlugin", dependencies: ["CPatchbayABI", "PatchbayPluginSupport"],
+            path: "Examples/ReferencePlugin", publicHeadersPath: ".", cSettings: pluginCSettings),
+        .target(
+            name: "PatchbayLlamaServerPlugin", dependencies: ["CPatchbayABI", "PatchbayPluginSupport"],
+            path: "Plugins/LlamaServer", publicHeadersPath: ".", cSettings: pluginCSettings,
+            linkerSettings: [.linkedLibrary("curl")]),
         .testTarget(name: "PatchbayCoreTests", dependencies: ["PatchbayCore"], path: "Tests/PatchbayCoreTests"),
         .testTarget(name: "PatchbayHostTests", dependencies: ["PatchbayHost"], path: "Tests/PatchbayHostTests"),
     ]

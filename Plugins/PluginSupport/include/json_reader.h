@@ -1,9 +1,10 @@
 /*
- * json_reader.h — a small read-only JSON parser, enough for a plugin to read
- * the host's requests. A real plugin would use its language's JSON library.
+ * json_reader.h — a small read-only JSON parser for the C plugins: enough to
+ * read the host's requests and an engine's replies. A plugin in another
+ * language would use that language's JSON library.
  */
-#ifndef PB_REF_JSON_READER_H
-#define PB_REF_JSON_READER_H
+#ifndef PB_JSON_READER_H
+#define PB_JSON_READER_H
 
 #include <stddef.h>
 

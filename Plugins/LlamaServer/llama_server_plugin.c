@@ -1,0 +1,945 @@
+/*
+ * The llama-server backend: one llama.cpp `llama-server` child per loaded
+ * model, driven over HTTP through libcurl.
+ *
+ * Load spawns the child on 127.0.0.1 with a random API key (passed in its
+ * environment, which only its owner can read), waits for /health while it
+ * reports progress from the child's resident memory, then reads /props.
+ * A run streams /v1/chat/completions (or /v1/completions) and turns each SSE
+ * chunk into ABI events. A cancel closes the connection, which is how
+ * llama-server learns to stop; every request has a connection of its own.
+ *
+ * Load request fields read here (all optional but model_path):
+ *   model_path, max_seq_length (0 = the model's), chat_template_override,
+ *   cache_type_kv, mmproj_path (default: an mmproj*.gguf beside the model),
+ *   n_parallel (4), n_batch (128), n_ubatch (128), n_threads, llama_extra_args
+ *   ([string], checked against the flags this plugin owns),
+ *   llama_server_path (default: $PATCHBAY_LLAMA_SERVER, then the cached build,
+ *   then `llama-server` on PATH), load_timeout_s (600).
+ *
+ * Why batch 128: llama-server notices a closed connection only between prompt
+ * batches. At its default (2048/512) a stop during a long prefill took seconds;
+ * at 128 it takes tens of milliseconds, at no measurable prompt-speed cost on
+ * CPU (Benchmarks/llama_server_bench.py measures both).
+ */
+#define _GNU_SOURCE
+#include "patchbay.h"
+#include "child_process.h"
+#include "json_buffer.h"
+#include "json_reader.h"
+#include "upstream.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <glob.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PLUGIN_VERSION "1.0.0"
+#define DEFAULT_PARALLEL 4
+#define DEFAULT_BATCH 128
+#define DEFAULT_LOAD_TIMEOUT_S 600
+
+static const pb_host_api *g_host;
+
+static void log_line(pb_log_level level, const char *fmt, ...) {
+    if (!g_host || !g_host->log) return;
+    char line[1024];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(line, sizeof line, fmt, args);
+    va_end(args);
+    g_host->log(g_host->context, level, line);
+}
+
+static void set_error(char *error, size_t size, const char *fmt, ...) {
+    if (!error || size == 0) return;
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(error, size, fmt, args);
+    va_end(args);
+}
+
+static char *dup_string(const char *s) { return s ? strdup(s) : NULL; }
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* ─── Launch configuration ─────────────────────────────────────────────── */
+
+typedef struct launch_config {
+    char *server_path;
+    char *model_path;
+    char *mmproj_path;      /* NULL: text only */
+    char *template_path;    /* NULL: the model's own chat template */
+    char *cache_type_kv;    /* NULL: llama-server's default (f16) */
+    int64_t context_size;   /* 0: the model's */
+    int parallel, batch, ubatch, threads;
+    char **extra_args;
+    size_t extra_count;
+    int load_timeout_s;
+} launch_config;
+
+static void config_free(launch_config *c) {
+    free(c->server_path);
+    free(c->model_path);
+    free(c->mmproj_path);
+    free(c->template_path);
+    free(c->cache_type_kv);
+    for (size_t i = 0; i < c->extra_count; i++) free(c->extra_args[i]);
+    free(c->extra_args);
+}
+
+/* Flags the plugin sets itself; a user's extra argument may not override them. */
+static const char *const k_owned_flags[] = {
+    "-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-hft", "--hf-token",
+    "-dr", "--docker-repo", "--host", "--port", "--api-key", "--api-key-file", "--ssl-key-file", "--ssl-cert-file",
+    "--path", "--api-prefix", "-a", "--alias", "-np", "--parallel", "-kvu", "--kv-unified", "--mmproj",
+    "--mmproj-url", "--embedding", "--embeddings", "--pooling", "--rerank", "--reranking", "--log-file",
+    "--log-disable", "--slot-save-path", "--chat-template", "--chat-template-file", "--no-jinja", "--jinja",
+    "--ui", "--webui", "--no-ui", "--no-webui", "--tools", "-ag", "--agent", "--mcp-servers-config",
+    "--mcp-servers-json", "--media-path", "--models-dir", "--models-preset", "--metrics", "--slots", "--no-slots",
+    "--props", "-h", "--help", "--usage", "--version", "-c", "--ctx-size", "-b", "--batch-size", "-ub",
+    "--ubatch-size", "-t", "--threads", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
+    NULL,
+};
+
+static int is_owned_flag(const char *arg) {
+    if (arg[0] != '-') return 0;
+    size_t length = strcspn(arg, "=");
+    for (const char *const *flag = k_owned_flags; *flag; flag++) {
+        if (strlen(*flag) == length && strncmp(arg, *flag, length) == 0) return 1;
+    }
+    return 0;
+}
+
+static int is_executable(const char *path) { return path && access(path, X_OK) == 0; }
+
+/* $PATCHBAY_LLAMA_SERVER, then the cached build scripts/lib/engines.sh makes, then PATH. */
+static char *find_llama_server(void) {
+    const char *env = getenv("PATCHBAY_LLAMA_SERVER");
+    if (env && *env) return strdup(env);
+    char pattern[PATH_MAX];
+    const char *cache = getenv("PATCHBAY_CACHE");
+    const char *home = getenv("HOME");
+    if (cache && *cache) snprintf(pattern, sizeof pattern, "%s/llama.cpp/src-*/build/bin/llama-server", cache);
+    else snprintf(pattern, sizeof pattern, "%s/.cache/patchbay/llama.cpp/src-*/build/bin/llama-server", home ? home : "");
+    glob_t found;
+    char *result = NULL;
+    if (glob(pattern, 0, NULL, &found) == 0 && found.gl_pathc > 0) result = strdup(found.gl_pathv[found.gl_pathc - 1]);
+    globfree(&found);
+    if (result) return result;
+    const char *path = getenv("PATH");
+    char *copy = strdup(path ? path : "/usr/local/bin:/usr/bin");
+    char *save = NULL;
+    for (char *dir = strtok_r(copy, ":", &save); dir && !result; dir = strtok_r(NULL, ":", &save)) {
+        char candidate[PATH_MAX];
+        snprintf(candidate, sizeof candidate, "%s/llama-server", dir);
+        if (is_executable(candidate)) result = strdup(candidate);
+    }
+    free(copy);
+    return result;
+}
+
+/* A vision projector beside the model: the first mmproj*.gguf in its directory. */
+static char *find_mmproj(const char *model_path) {
+    char *dir_copy = strdup(model_path);
+    char *slash = strrchr(dir_copy, '/');
+    const char *dir = ".";
+    if (slash) {
+        *slash = 0;
+        dir = dir_copy;
+    }
+    char *result = NULL;
+    DIR *d = opendir(dir);
+    struct dirent *entry;
+    while (d && !result && (entry = readdir(d))) {
+        size_t n = strlen(entry->d_name);
+        if (strncmp(entry->d_name, "mmproj", 6) == 0 && n > 5 && strcmp(entry->d_name + n - 5, ".gguf") == 0) {
+            if (asprintf(&result, "%s/%s", dir, entry->d_name) < 0) result = NULL;
+        }
+    }
+    if (d) closedir(d);
+    free(dir_copy);
+    return result;
+}
+
+static int write_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return 0;
+    size_t length = strlen(text), written = 0;
+    while (written < length) {
+        ssize_t n = write(fd, text + written, length - written);
+        if (n <= 0) break;
+        written += (size_t)n;
+    }
+    close(fd);
+    return written == length;
+}
+
+/* Reads the load request into `config`. Returns PB_OK or an error with `error` filled. */
+static pb_status parse_load_request(const json_value *request, const char *work_dir, launch_config *config,
+                                    char *error, size_t error_size) {
+    const char *model_path = json_get_string(request, "model_path");
+    struct stat st;
+    if (!model_path || stat(model_path, &st) != 0 || !S_ISREG(st.st_mode)) {
+        set_error(error, error_size, "Model file not found: %s", model_path ? model_path : "(none)");
+        return PB_ERR_NOT_FOUND;
+    }
+    config->model_path = strdup(model_path);
+    config->context_size = (int64_t)json_get_number(request, "max_seq_length", 0);
+    config->parallel = (int)json_get_number(request, "n_parallel", DEFAULT_PARALLEL);
+    config->batch = (int)json_get_number(request, "n_batch", DEFAULT_BATCH);
+    config->ubatch = (int)json_get_number(request, "n_ubatch", config->batch < DEFAULT_BATCH ? config->batch : DEFAULT_BATCH);
+    config->threads = (int)json_get_number(request, "n_threads", 0);
+    config->load_timeout_s = (int)json_get_number(request, "load_timeout_s", DEFAULT_LOAD_TIMEOUT_S);
+    if (config->parallel < 1 || config->parallel > 64) {
+        set_error(error, error_size, "'n_parallel' must be between 1 and 64.");
+        return PB_ERR_INVALID_REQUEST;
+    }
+    if (config->batch < 1 || config->ubatch < 1 || config->ubatch > config->batch) {
+        set_error(error, error_size, "'n_batch' and 'n_ubatch' must be positive, with n_ubatch <= n_batch.");
+        return PB_ERR_INVALID_REQUEST;
+    }
+    config->cache_type_kv = dup_string(json_get_string(request, "cache_type_kv"));
+
+    const char *server = json_get_string(request, "llama_server_path");
+    config->server_path = server ? strdup(server) : find_llama_server();
+    if (!is_executable(config->server_path)) {
+        set_error(error, error_size,
+                  "llama-server not found%s%s. Build it with scripts/run (it caches llama.cpp under ~/.cache/patchbay), "
+                  "or set PATCHBAY_LLAMA_SERVER or 'llama_server_path'.",
+                  config->server_path ? " at " : "", config->server_path ? config->server_path : "");
+        return PB_ERR_LOAD_FAILED;
+    }
+
+    const char *mmproj = json_get_string(request, "mmproj_path");
+    if (mmproj && access(mmproj, R_OK) != 0) {
+        set_error(error, error_size, "Vision projector not found: %s", mmproj);
+        return PB_ERR_NOT_FOUND;
+    }
+    config->mmproj_path = mmproj ? strdup(mmproj) : find_mmproj(model_path);
+
+    const char *template_text = json_get_string(request, "chat_template_override");
+    if (template_text && *template_text) {
+        if (asprintf(&config->template_path, "%s/chat-template.jinja", work_dir) < 0 ||
+            !write_file(config->template_path, template_text)) {
+            set_error(error, error_size, "Could not write the chat template override to %s.", work_dir);
+            return PB_ERR_INTERNAL;
+        }
+    }
+
+    const json_value *extra = json_get(request, "llama_extra_args");
+    if (extra && extra->kind != JSON_NULL) {
+        if (extra->kind != JSON_ARRAY) {
+            set_error(error, error_size, "'llama_extra_args' must be an array of strings.");
+            return PB_ERR_INVALID_REQUEST;
+        }
+        config->extra_args = calloc(extra->count + 1, sizeof(char *));
+        for (size_t i = 0; i < extra->count; i++) {
+            const json_value *arg = &extra->items[i];
+            if (arg->kind != JSON_STRING) {
+                set_error(error, error_size, "'llama_extra_args' must be an array of strings.");
+                return PB_ERR_INVALID_REQUEST;
+            }
+            if (is_owned_flag(arg->string)) {
+                set_error(error, error_size, "'llama_extra_args' may not set %s: Patchbay manages it.", arg->string);
+                return PB_ERR_INVALID_REQUEST;
+            }
+            config->extra_args[config->extra_count++] = strdup(arg->string);
+        }
+    }
+    return PB_OK;
+}
+
+/* ─── The model: one child ─────────────────────────────────────────────── */
+
+struct pb_model {
+    launch_config config;
+    char work_dir[PATH_MAX]; /* 0700: the child's log and the template override */
+    char log_path[PATH_MAX + 16];
+    char api_key[65];
+    uint64_t model_bytes;
+
+    pthread_mutex_t lock; /* guards the child below: pid, port, base_url; respawns */
+    pid_t pid;
+    char base_url[64];
+
+    int64_t context_length;
+    uint64_t capabilities;
+};
+
+static void random_key(char out[65]) {
+    unsigned char bytes[32] = {0};
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (read(fd, bytes, sizeof bytes) != (ssize_t)sizeof bytes) memset(bytes, 0, sizeof bytes);
+        close(fd);
+    }
+    for (int i = 0; i < 32; i++) snprintf(out + 2 * i, 3, "%02x", bytes[i]);
+}
+
+/* The child's command line for `port`. Entries are malloc'd; free with free_argv. */
+static char **build_argv(const launch_config *c, int port) {
+    char **argv = calloc(40 + c->extra_count, sizeof(char *));
+    size_t n = 0;
+#define ARG(s) (argv[n++] = strdup(s))
+#define ARGF(fmt, ...) (asprintf(&argv[n++], fmt, __VA_ARGS__))
+    ARG(c->server_path);
+    ARG("--model"); ARG(c->model_path);
+    ARG("--host"); ARG("127.0.0.1");
+    ARG("--port"); ARGF("%d", port);
+    ARG("--jinja");
+    ARG("--ctx-size"); ARGF("%lld", (long long)c->context_size);
+    ARG("--parallel"); ARGF("%d", c->parallel);
+    /* With a unified KV cache every slot may use the whole context. */
+    if (c->parallel > 1) ARG("--kv-unified");
+    ARG("--batch-size"); ARGF("%d", c->batch);
+    ARG("--ubatch-size"); ARGF("%d", c->ubatch);
+    if (c->threads > 0) { ARG("--threads"); ARGF("%d", c->threads); }
+    if (c->cache_type_kv) {
+        ARG("--cache-type-k"); ARG(c->cache_type_kv);
+        ARG("--cache-type-v"); ARG(c->cache_type_kv);
+    }
+    if (c->template_path) { ARG("--chat-template-file"); ARG(c->template_path); }
+    if (c->mmproj_path) { ARG("--mmproj"); ARG(c->mmproj_path); }
+    ARG("--metrics");
+    ARG("--slots");
+    ARG("--no-webui");
+    for (size_t i = 0; i < c->extra_count; i++) ARG(c->extra_args[i]);
+#undef ARG
+#undef ARGF
+    return argv;
+}
+
+static void free_argv(char **argv) {
+    for (size_t i = 0; argv && argv[i]; i++) free(argv[i]);
+    free(argv);
+}
+
+static void url_for(const pb_model *model, const char *path, char *out, size_t size) {
+    snprintf(out, size, "%s%s", model->base_url, path);
+}
+
+/* Fills `error` with what went wrong and the tail of the child's log. */
+static void describe_child_failure(const pb_model *model, const char *what, char *error, size_t error_size) {
+    char *tail = file_tail(model->log_path, 1500);
+    set_error(error, error_size, "%s. llama-server's log (%s) ends with:\n%s", what, model->log_path, tail);
+    free(tail);
+}
+
+typedef int (*progress_fn)(void *context, const char *phase, uint64_t loaded, uint64_t total);
+
+/*
+ * Starts a child and waits until it answers /health. Called with model->lock
+ * held (or before the model is shared). `progress` may be NULL (a respawn).
+ */
+static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks, char *error, size_t error_size) {
+    int port = free_loopback_port();
+    if (port < 0) {
+        set_error(error, error_size, "No free port on 127.0.0.1.");
+        return PB_ERR_LOAD_FAILED;
+    }
+    char **argv = build_argv(&model->config, port);
+    char key_env[96];
+    snprintf(key_env, sizeof key_env, "LLAMA_API_KEY=%s", model->api_key);
+    char *extra_env[] = {key_env, NULL};
+    char spawn_error[256];
+    pid_t pid = child_spawn(argv, extra_env, model->log_path, spawn_error, sizeof spawn_error);
+    log_line(PB_LOG_INFO, "started llama-server pid %d on 127.0.0.1:%d for %s", (int)pid, port, model->config.model_path);
+    free_argv(argv);
+    if (pid < 0) {
+        set_error(error, error_size, "Could not start llama-server: %s", spawn_error);
+        return PB_ERR_LOAD_FAILED;
+    }
+    model->pid = pid;
+    snprintf(model->base_url, sizeof model->base_url, "http://127.0.0.1:%d", port);
+
+    char url[128];
+    url_for(model, "/health", url, sizeof url);
+    json_buffer reply;
+    jb_init(&reply);
+    double deadline = now_ms() + model->config.load_timeout_s * 1000.0;
+    uint64_t high_water = 0;
+    pb_status status = PB_ERR_LOAD_FAILED;
+    for (;;) {
+        int wait_status;
+        if (child_exited(pid, &wait_status)) {
+            char how[96], what[160];
+            child_describe_exit(wait_status, how, sizeof how);
+            snprintf(what, sizeof what, "llama-server exited during load (%s)", how);
+            describe_child_failure(model, what, error, error_size);
+            model->pid = 0;
+            break;
+        }
+        char probe_error[128];
+        if (upstream_request(url, NULL, NULL, 1000, &reply, probe_error, sizeof probe_error) == 200) {
+            status = PB_OK;
+            break;
+        }
+        /* Progress is the child's resident memory against the weights' size, never going backwards. */
+        uint64_t rss = child_resident_bytes(pid);
+        if (rss > high_water) high_water = rss;
+        uint64_t loaded = high_water < model->model_bytes ? high_water : model->model_bytes - model->model_bytes / 100;
+        if (callbacks && callbacks->progress &&
+            callbacks->progress(callbacks->context, "mmap", loaded, model->model_bytes) != 0) {
+            set_error(error, error_size, "The load was cancelled.");
+            status = PB_ERR_CANCELLED;
+            break;
+        }
+        if (now_ms() > deadline) {
+            char what[96];
+            snprintf(what, sizeof what, "llama-server did not become ready within %d s", model->config.load_timeout_s);
+            describe_child_failure(model, what, error, error_size);
+            break;
+        }
+        sleep_ms(50);
+    }
+    jb_free(&reply);
+    if (status != PB_OK && model->pid > 0) {
+        child_stop(model->pid, 2000);
+        model->pid = 0;
+    }
+    return status;
+}
+
+/* Reads what the child knows about its model: context size, template capabilities, modalities. */
+static void read_props(pb_model *model) {
+    char url[128], error[128];
+    url_for(model, "/props", url, sizeof url);
+    json_buffer reply;
+    jb_init(&reply);
+    model->capabilities = PB_CAP_CHAT | PB_CAP_COMPLETION | PB_CAP_TOKENIZE | PB_CAP_REASONING;
+    if (upstream_request(url, model->api_key, NULL, 10000, &reply, error, sizeof error) == 200) {
+        json_value *props = json_parse(reply.data);
+        const json_value *settings = json_get(props, "default_generation_settings");
+        model->context_length = (int64_t)json_get_number(settings, "n_ctx", json_get_number(props, "n_ctx", 0));
+        if (json_get_bool(json_get(props, "chat_template_caps"), "supports_tools", 0)) model->capabilities |= PB_CAP_TOOLS;
+        if (json_get_bool(json_get(props, "modalities"), "vision", 0)) model->capabilities |= PB_CAP_VISION_INPUT;
+        json_free(props);
+    } else {
+        log_line(PB_LOG_WARNING, "could not read /props from llama-server: %s", error);
+    }
+    jb_free(&reply);
+}
+
+static void model_free(pb_model *model) {
+    if (model->pid > 0) child_stop(model->pid, 3000);
+    unlink(model->log_path);
+    if (model->config.template_path) unlink(model->config.template_path);
+    rmdir(model->work_dir);
+    config_free(&model->config);
+    pthread_mutex_destroy(&model->lock);
+    free(model);
+}
+
+static pb_status llama_load(const char *request_json, const pb_load_callbacks *callbacks, pb_model **out_model,
+                            char *error, size_t error_size) {
+    json_value *request = json_parse(request_json);
+    if (!request) {
+        set_error(error, error_size, "The load request is not valid JSON.");
+        return PB_ERR_INVALID_REQUEST;
+    }
+    pb_model *model = calloc(1, sizeof *model);
+    pthread_mutex_init(&model->lock, NULL);
+    const char *tmp = getenv("TMPDIR");
+    snprintf(model->work_dir, sizeof model->work_dir, "%s/patchbay-llama-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!mkdtemp(model->work_dir)) {
+        set_error(error, error_size, "Could not create a work directory: %s", strerror(errno));
+        json_free(request);
+        config_free(&model->config);
+        free(model);
+        return PB_ERR_INTERNAL;
+    }
+    snprintf(model->log_path, sizeof model->log_path, "%s/llama-server.log", model->work_dir);
+    random_key(model->api_key);
+
+    pb_status status = parse_load_request(request, model->work_dir, &model->config, error, error_size);
+    json_free(request);
+    if (status == PB_OK) {
+        struct stat st;
+        model->model_bytes = stat(model->config.model_path, &st) == 0 ? (uint64_t)st.st_size : 0;
+        if (model->config.mmproj_path && stat(model->config.mmproj_path, &st) == 0) model->model_bytes += (uint64_t)st.st_size;
+        status = start_child(model, callbacks, error, error_size);
+    }
+    if (status != PB_OK) {
+        model_free(model);
+        return status;
+    }
+    read_props(model);
+    if (callbacks && callbacks->progress) callbacks->progress(callbacks->context, "ready", model->model_bytes, model->model_bytes);
+    *out_model = model;
+    return PB_OK;
+}
+
+static void llama_model_info(pb_model *model, pb_model_info *info) {
+    info->context_length = model->context_length;
+    info->capabilities = model->capabilities;
+}
+
+static void llama_unload(pb_model *model) {
+    log_line(PB_LOG_INFO, "stopping llama-server pid %d", (int)model->pid);
+    model_free(model);
+}
+
+/*
+ * Makes sure the child is running, respawning it if it died (a crash, an OOM
+ * kill), and copies its address. A respawn gets a new port.
+ */
+static pb_status ensure_child(pb_model *model, char *base_url, size_t base_url_size, char *error, size_t error_size) {
+    pthread_mutex_lock(&model->lock);
+    pb_status status = PB_OK;
+    int wait_status = 0;
+    if (model->pid <= 0 || child_exited(model->pid, &wait_status)) {
+        if (model->pid > 0) {
+            char how[96];
+            child_describe_exit(wait_status, how, sizeof how);
+            log_line(PB_LOG_WARNING, "llama-server pid %d exited (%s); restarting it", (int)model->pid, how);
+        }
+        model->pid = 0;
+        status = start_child(model, NULL, error, error_size);
+        if (status != PB_OK) status = PB_ERR_ENGINE_UNAVAILABLE;
+    }
+    snprintf(base_url, base_url_size, "%s", model->base_url);
+    pthread_mutex_unlock(&model->lock);
+    return status;
+}
+
+/* Why a transfer broke: the child died, or something else on the way. */
+static void describe_lost_connection(pb_model *model, const char *transfer_error, char *out, size_t size) {
+    pthread_mutex_lock(&model->lock);
+    int wait_status;
+    if (model->pid > 0 && child_exited(model->pid, &wait_status)) {
+        char how[96];
+        child_describe_exit(wait_status, how, sizeof how);
+        set_error(out, size, "Lost connection to the model server: llama-server exited (%s). It is restarted on the next request.", how);
+        log_line(PB_LOG_WARNING, "llama-server pid %d exited mid-request (%s)", (int)model->pid, how);
+        model->pid = 0;
+    } else {
+        set_error(out, size, "Lost connection to the model server (%s).", transfer_error);
+    }
+    pthread_mutex_unlock(&model->lock);
+}
+
+/* ─── Requests and errors ──────────────────────────────────────────────── */
+
+/* The upstream body: the normalized request's OpenAI fields, renamed where llama-server differs. */
+static char *build_body(const json_value *request, int is_completion) {
+    static const char *const forwarded[] = {
+        "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "seed", "stop",
+        "response_format", NULL,
+    };
+    static const char *const chat_only[] = {
+        "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", NULL,
+    };
+    json_buffer b;
+    jb_init(&b);
+    jb_append_str(&b, "{");
+    jb_key(&b, is_completion ? "prompt" : "messages");
+    jb_append_json_value(&b, json_get(request, is_completion ? "prompt" : "messages"));
+    jb_key(&b, "stream");
+    jb_append_str(&b, "true");
+    jb_key(&b, "stream_options");
+    jb_append_str(&b, "{\"include_usage\":true}");
+    jb_key(&b, "max_tokens");
+    jb_printf(&b, "%lld", (long long)json_get_number(request, "max_tokens", -1));
+    for (const char *const *key = forwarded; *key; key++) {
+        const json_value *value = json_get(request, *key);
+        if (!value || value->kind == JSON_NULL) continue;
+        jb_key(&b, *key);
+        jb_append_json_value(&b, value);
+    }
+    for (const char *const *key = chat_only; *key && !is_completion; key++) {
+        const json_value *value = json_get(request, *key);
+        if (!value || value->kind == JSON_NULL) continue;
+        jb_key(&b, *key);
+        jb_append_json_value(&b, value);
+    }
+    const json_value *top_k = json_get(request, "top_k");
+    if (top_k && top_k->kind == JSON_NUMBER) {
+        jb_key(&b, "top_k"); /* OpenAI-style -1 ("off") is llama.cpp's 0 */
+        jb_printf(&b, "%d", top_k->number < 0 ? 0 : (int)top_k->number);
+    }
+    const json_value *repetition = json_get(request, "repetition_penalty");
+    if (repetition && repetition->kind == JSON_NUMBER) {
+        jb_key(&b, "repeat_penalty");
+        jb_append_json_value(&b, repetition);
+    }
+    double wall_ms = json_get_number(request, "max_wall_ms", 0);
+    if (wall_ms > 0) {
+        jb_key(&b, "t_max_predict_ms");
+        jb_printf(&b, "%lld", (long long)wall_ms);
+    }
+    jb_append_str(&b, "}");
+    if (b.failed) {
+        jb_free(&b);
+        return NULL;
+    }
+    return b.data;
+}
+
+/* Maps an llama-server error reply ({"error":{code,message,type}}) to a status and message. */
+static pb_status map_upstream_error(long http_status, const char *body, char *message, size_t size) {
+    json_value *parsed = json_parse(body ? body : "");
+    const json_value *error = json_get(parsed, "error");
+    const char *text = json_get_string(error, "message");
+    const char *type = json_get_string(error, "type");
+    if (!text) text = json_get_string(parsed, "message");
+    set_error(message, size, "%s", text ? text : (body && *body ? body : "llama-server returned an error"));
+    pb_status status;
+    if ((type && strcmp(type, "exceed_context_size_error") == 0) || (text && strstr(text, "exceeds the available context size")))
+        status = PB_ERR_CONTEXT_LENGTH_EXCEEDED;
+    else if (http_status == 404) status = PB_ERR_NOT_FOUND;
+    else if (http_status == 501) status = PB_ERR_UNSUPPORTED;
+    else if (http_status == 503) status = PB_ERR_ENGINE_UNAVAILABLE;
+    else if (http_status >= 400 && http_status < 500) status = PB_ERR_INVALID_REQUEST;
+    else status = PB_ERR_INTERNAL;
+    json_free(parsed);
+    return status;
+}
+
+/* ─── Runs ─────────────────────────────────────────────────────────────── */
+
+struct pb_run {
+    pb_model *model;
+    upstream_stream *stream;
+    char *body;
+    int is_completion;
+
+    /* Set during run_execute. */
+    const pb_event_sink *sink;
+    json_buffer pending;    /* bytes after the last complete SSE line */
+    json_buffer error_body; /* the body of a non-200 reply */
+    pb_finish_reason finish;
+    int ended;              /* a terminal event was delivered */
+    int has_timings;
+    pb_event timings;
+};
+
+static void emit(pb_run *run, pb_event *event) {
+    event->struct_size = sizeof *event;
+    run->sink->on_event(run->sink->context, event);
+    if (event->type == PB_EVENT_FINISH || event->type == PB_EVENT_ERROR) run->ended = 1;
+}
+
+static void emit_text(pb_run *run, pb_event_type type, const char *text) {
+    if (!text || !*text) return;
+    pb_event event = {.type = type, .text = text, .text_len = strlen(text)};
+    emit(run, &event);
+}
+
+static void emit_error(pb_run *run, pb_status code, const char *message) {
+    pb_event event = {.type = PB_EVENT_ERROR, .error_code = code, .text = message, .text_len = strlen(message)};
+    emit(run, &event);
+}
+
+static pb_finish_reason finish_from(const char *reason) {
+    if (!reason) return 0;
+    if (strcmp(reason, "length") == 0) return PB_FINISH_LENGTH;
+    if (strcmp(reason, "tool_calls") == 0) return PB_FINISH_TOOL_CALLS;
+    return PB_FINISH_STOP;
+}
+
+/* One `data:` payload of the stream. Returns non-zero to stop reading. */
+static int handle_chunk(pb_run *run, const char *payload) {
+    json_value *chunk = json_parse(payload);
+    if (!chunk) return 0; /* not JSON (a comment, a keep-alive): ignore */
+    const json_value *error = json_get(chunk, "error");
+    if (error) {
+        char message[1024];
+        pb_status status = map_upstream_error((long)json_get_number(error, "code", 500), payload, message, sizeof message);
+        emit_error(run, status, message);
+        json_free(chunk);
+        return 1;
+    }
+    const json_value *choices = json_get(chunk, "choices");
+    if (choices && choices->kind == JSON_ARRAY && choices->count > 0) {
+        const json_value *choice = &choices->items[0];
+        if (run->is_completion) {
+            emit_text(run, PB_EVENT_CONTENT_DELTA, json_get_string(choice, "text"));
+        } else {
+            const json_value *delta = json_get(choice, "delta");
+            emit_text(run, PB_EVENT_REASONING_DELTA, json_get_string(delta, "reasoning_content"));
+            emit_text(run, PB_EVENT_CONTENT_DELTA, json_get_string(delta, "content"));
+            const json_value *calls = json_get(delta, "tool_calls");
+            for (size_t i = 0; calls && calls->kind == JSON_ARRAY && i < calls->count; i++) {
+                const json_value *call = &calls->items[i];
+                const json_value *function = json_get(call, "function");
+                const char *arguments = json_get_string(function, "arguments");
+                pb_event event = {
+                    .type = PB_EVENT_TOOL_CALL_DELTA,
+                    .tool_index = (int32_t)json_get_number(call, "index", (double)i),
+                    .tool_call_id = json_get_string(call, "id"),
+                    .tool_name = json_get_string(function, "name"),
+                    .text = arguments ? arguments : "",
+                    .text_len = arguments ? strlen(arguments) : 0,
+                };
+                emit(run, &event);
+            }
+        }
+        pb_finish_reason finish = finish_from(json_get_string(choice, "finish_reason"));
+        if (finish) run->finish = finish;
+    }
+    const json_value *usage = json_get(chunk, "usage");
+    if (usage && usage->kind == JSON_OBJECT) {
+        pb_event event = {
+            .type = PB_EVENT_USAGE,
+            .prompt_tokens = (int64_t)json_get_number(usage, "prompt_tokens", 0),
+            .completion_tokens = (int64_t)json_get_number(usage, "completion_tokens", 0),
+            .cached_tokens = (int64_t)json_get_number(json_get(usage, "prompt_tokens_details"), "cached_tokens", 0),
+        };
+        emit(run, &event);
+    }
+    const json_value *timings = json_get(chunk, "timings");
+    if (timings && timings->kind == JSON_OBJECT) {
+        run->has_timings = 1;
+        run->timings = (pb_event){
+            .type = PB_EVENT_TIMINGS,
+            .prompt_ms = json_get_number(timings, "prompt_ms", 0),
+            .predicted_ms = json_get_number(timings, "predicted_ms", 0),
+            .prompt_per_second = json_get_number(timings, "prompt_per_second", 0),
+            .predicted_per_second = json_get_number(timings, "predicted_per_second", 0),
+        };
+    }
+    json_free(chunk);
+    return 0;
+}
+
+/* Splits the body into SSE lines as bytes arrive; a line may span several deliveries. */
+static int on_stream_data(void *context, long http_status, const char *bytes, size_t length) {
+    pb_run *run = context;
+    if (http_status != 200) {
+        jb_append(&run->error_body, bytes, length);
+        return run->error_body.length > 65536; /* enough to explain */
+    }
+    jb_append(&run->pending, bytes, length);
+    if (run->pending.failed) return 1;
+    char *line = run->pending.data;
+    char *newline;
+    while ((newline = memchr(line, '\n', run->pending.length - (size_t)(line - run->pending.data)))) {
+        *newline = 0;
+        if (newline > line && newline[-1] == '\r') newline[-1] = 0;
+        const char *payload = NULL;
+        if (strncmp(line, "data:", 5) == 0) payload = line + 5;
+        else if (strncmp(line, "error:", 6) == 0) payload = line + 6;
+        if (payload) {
+            while (*payload == ' ') payload++;
+            if (strcmp(payload, "[DONE]") != 0 && handle_chunk(run, payload) != 0) return 1;
+        }
+        line = newline + 1;
+    }
+    size_t rest = run->pending.length - (size_t)(line - run->pending.data);
+    memmove(run->pending.data, line, rest);
+    run->pending.length = rest;
+    run->pending.data[rest] = 0;
+    return 0;
+}
+
+static pb_status llama_run_create(pb_model *model, const char *request_json, pb_run **out_run, char *error,
+                                  size_t error_size) {
+    json_value *request = json_parse(request_json);
+    if (!request) {
+        set_error(error, error_size, "The request is not valid JSON.");
+        return PB_ERR_INVALID_REQUEST;
+    }
+    const char *kind = json_get_string(request, "kind");
+    int is_completion = kind && strcmp(kind, "completion") == 0;
+    pb_run *run = calloc(1, sizeof *run);
+    run->model = model;
+    run->is_completion = is_completion;
+    run->body = build_body(request, is_completion);
+    run->stream = upstream_stream_create();
+    json_free(request);
+    if (!run->body || !run->stream) {
+        set_error(error, error_size, "Out of memory.");
+        upstream_stream_destroy(run->stream);
+        free(run->body);
+        free(run);
+        return PB_ERR_OUT_OF_MEMORY;
+    }
+    jb_init(&run->pending);
+    jb_init(&run->error_body);
+    *out_run = run;
+    return PB_OK;
+}
+
+static void llama_run_execute(pb_run *run, const pb_event_sink *sink) {
+    run->sink = sink;
+    if (upstream_stream_cancelled(run->stream)) {
+        pb_event finish = {.type = PB_EVENT_FINISH, .finish_reason = PB_FINISH_CANCELLED};
+        emit(run, &finish);
+        return;
+    }
+    char base_url[64], message[2048];
+    pb_status status = ensure_child(run->model, base_url, sizeof base_url, message, sizeof message);
+    if (status != PB_OK) {
+        emit_error(run, status, message);
+        return;
+    }
+    char url[128];
+    snprintf(url, sizeof url, "%s%s", base_url, run->is_completion ? "/v1/completions" : "/v1/chat/completions");
+    long http_status = 0;
+    char transfer_error[256] = "";
+    upstream_result result = upstream_stream_run(run->stream, url, run->model->api_key, run->body, on_stream_data, run,
+                                                 &http_status, transfer_error, sizeof transfer_error);
+    if (run->ended) return; /* an error arrived in the stream */
+    switch (result) {
+    case UPSTREAM_CANCELLED: {
+        pb_event finish = {.type = PB_EVENT_FINISH, .finish_reason = PB_FINISH_CANCELLED};
+        emit(run, &finish);
+        return;
+    }
+    case UPSTREAM_FAILED:
+        describe_lost_connection(run->model, transfer_error, message, sizeof message);
+        emit_error(run, PB_ERR_ENGINE_UNAVAILABLE, message);
+        return;
+    case UPSTREAM_ABORTED:
+    case UPSTREAM_COMPLETED:
+        break;
+    }
+    if (http_status != 200) {
+        status = map_upstream_error(http_status, run->error_body.data, message, sizeof message);
+        emit_error(run, status, message);
+        return;
+    }
+    if (run->has_timings) emit(run, &run->timings);
+    pb_event finish = {.type = PB_EVENT_FINISH, .finish_reason = run->finish ? run->finish : PB_FINISH_STOP};
+    emit(run, &finish);
+}
+
+static void llama_run_cancel(pb_run *run) { upstream_stream_cancel(run->stream); }
+
+static void llama_run_destroy(pb_run *run) {
+    upstream_stream_destroy(run->stream);
+    jb_free(&run->pending);
+    jb_free(&run->error_body);
+    free(run->body);
+    free(run);
+}
+
+/* ─── Token counting: the chat template renders, the tokenizer counts ──── */
+
+static pb_status post_json(pb_model *model, const char *path, const char *body, json_value **out, char *error,
+                           size_t error_size) {
+    char base_url[64], url[128];
+    pb_status status = ensure_child(model, base_url, sizeof base_url, error, error_size);
+    if (status != PB_OK) return status;
+    snprintf(url, sizeof url, "%s%s", base_url, path);
+    json_buffer reply;
+    jb_init(&reply);
+    char transfer_error[256];
+    long http_status = upstream_request(url, model->api_key, body, 60000, &reply, transfer_error, sizeof transfer_error);
+    if (http_status == 0) {
+        describe_lost_connection(model, transfer_error, error, error_size);
+        status = PB_ERR_ENGINE_UNAVAILABLE;
+    } else if (http_status != 200) {
+        status = map_upstream_error(http_status, reply.data, error, error_size);
+    } else if (!(*out = json_parse(reply.data))) {
+        set_error(error, error_size, "llama-server sent an unreadable reply to %s.", path);
+        status = PB_ERR_INTERNAL;
+    }
+    jb_free(&reply);
+    return status;
+}
+
+static pb_status llama_count_tokens(pb_model *model, const char *request_json, int64_t *out_count, char *error,
+                                    size_t error_size) {
+    json_value *request = json_parse(request_json);
+    if (!request) {
+        set_error(error, error_size, "The request is not valid JSON.");
+        return PB_ERR_INVALID_REQUEST;
+    }
+    const char *kind = json_get_string(request, "kind");
+    int is_completion = kind && strcmp(kind, "completion") == 0;
+    json_buffer b;
+    jb_init(&b);
+    pb_status status = PB_OK;
+    json_value *rendered = NULL;
+    const char *prompt = json_get_string(request, "prompt");
+    if (!is_completion) {
+        /* The prompt exactly as generation would see it: the chat template with messages and tools. */
+        jb_append_str(&b, "{");
+        jb_key(&b, "messages");
+        jb_append_json_value(&b, json_get(request, "messages"));
+        const json_value *tools = json_get(request, "tools");
+        if (tools && tools->kind == JSON_ARRAY) {
+            jb_key(&b, "tools");
+            jb_append_json_value(&b, tools);
+        }
+        const json_value *kwargs = json_get(request, "chat_template_kwargs");
+        if (kwargs && kwargs->kind == JSON_OBJECT) {
+            jb_key(&b, "chat_template_kwargs");
+            jb_append_json_value(&b, kwargs);
+        }
+        jb_append_str(&b, "}");
+        status = post_json(model, "/apply-template", b.data, &rendered, error, error_size);
+        prompt = json_get_string(rendered, "prompt");
+    }
+    json_value *tokens = NULL;
+    if (status == PB_OK) {
+        jb_clear(&b);
+        jb_append_str(&b, "{\"content\":");
+        jb_append_json_string(&b, prompt ? prompt : "");
+        /* A rendered template already carries its special tokens as text. */
+        jb_append_str(&b, is_completion ? ",\"add_special\":true}" : ",\"add_special\":false,\"parse_special\":true}");
+        status = post_json(model, "/tokenize", b.data, &tokens, error, error_size);
+    }
+    if (status == PB_OK) {
+        const json_value *list = json_get(tokens, "tokens");
+        *out_count = list && list->kind == JSON_ARRAY ? (int64_t)list->count : 0;
+    }
+    json_free(tokens);
+    json_free(rendered);
+    json_free(request);
+    jb_free(&b);
+    return status;
+}
+
+/* ─── The table ────────────────────────────────────────────────────────── */
+
+static const pb_plugin_api llama_server_api = {
+    .struct_size = sizeof(pb_plugin_api),
+    .abi_major = PB_ABI_VERSION_MAJOR,
+    .abi_minor = PB_ABI_VERSION_MINOR,
+    .name = "llama-server",
+    .version = PLUGIN_VERSION,
+    .description = "llama.cpp's llama-server, one child process per model, over HTTP",
+    .model_formats = "gguf",
+    .capabilities = PB_CAP_CHAT | PB_CAP_COMPLETION | PB_CAP_VISION_INPUT | PB_CAP_TOKENIZE | PB_CAP_TOOLS |
+                    PB_CAP_REASONING,
+    .load = llama_load,
+    .model_info = llama_model_info,
+    .unload = llama_unload,
+    .run_create = llama_run_create,
+    .run_execute = llama_run_execute,
+    .run_cancel = llama_run_cancel,
+    .run_destroy = llama_run_destroy,
+    .count_tokens = llama_count_tokens,
+    .embed = NULL,
+};
+
+PB_EXPORT const pb_plugin_api *pb_plugin_entry(const pb_host_api *host) {
+    if (!host || host->abi_major != PB_ABI_VERSION_MAJOR) return NULL;
+    g_host = host;
+    if (!upstream_global_init()) {
+        log_line(PB_LOG_ERROR, "libcurl could not be initialised");
+        return NULL;
+    }
+    return &llama_server_api;
+}

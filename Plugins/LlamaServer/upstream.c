@@ -1,0 +1,164 @@
+#include "upstream.h"
+
+#include <curl/curl.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int upstream_global_init(void) { return curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK; }
+
+static struct curl_slist *headers_for(const char *api_key, int has_body) {
+    char auth[300];
+    struct curl_slist *headers = NULL;
+    if (api_key && *api_key) {
+        snprintf(auth, sizeof auth, "Authorization: Bearer %s", api_key);
+        headers = curl_slist_append(headers, auth);
+    }
+    if (has_body) headers = curl_slist_append(headers, "Content-Type: application/json");
+    headers = curl_slist_append(headers, "Expect:"); /* no 100-continue round trip on large prompts */
+    return headers;
+}
+
+/* Settings shared by every request to a child. */
+static void configure(CURL *easy, const char *url, struct curl_slist *headers, const char *body) {
+    curl_easy_setopt(easy, CURLOPT_URL, url);
+    curl_easy_setopt(easy, CURLOPT_HTTPHEADER, headers);
+    curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(easy, CURLOPT_FORBID_REUSE, 1L);
+    curl_easy_setopt(easy, CURLOPT_FRESH_CONNECT, 1L);
+    curl_easy_setopt(easy, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(easy, CURLOPT_PROXY, ""); /* the child is local: never through a proxy from the environment */
+    curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, 5000L);
+    if (body) {
+        curl_easy_setopt(easy, CURLOPT_POSTFIELDS, body);
+        curl_easy_setopt(easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)strlen(body));
+    }
+}
+
+static size_t collect(char *bytes, size_t size, size_t count, void *user) {
+    jb_append((json_buffer *)user, bytes, size * count);
+    return size * count;
+}
+
+long upstream_request(const char *url, const char *api_key, const char *body, long timeout_ms,
+                      json_buffer *out, char *error, size_t error_size) {
+    CURL *easy = curl_easy_init();
+    if (!easy) {
+        snprintf(error, error_size, "curl_easy_init failed");
+        return 0;
+    }
+    struct curl_slist *headers = headers_for(api_key, body != NULL);
+    configure(easy, url, headers, body);
+    curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, timeout_ms);
+    curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, collect);
+    curl_easy_setopt(easy, CURLOPT_WRITEDATA, out);
+    jb_clear(out);
+    long status = 0;
+    CURLcode code = curl_easy_perform(easy);
+    if (code == CURLE_OK) curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
+    else snprintf(error, error_size, "%s", curl_easy_strerror(code));
+    curl_slist_free_all(headers);
+    curl_easy_cleanup(easy);
+    return status;
+}
+
+/* ─── Streaming ─────────────────────────────────────────────────────────── */
+
+struct upstream_stream {
+    CURLM *multi; /* created up front so that a cancel can wake a poll at any moment */
+    atomic_int cancelled;
+    upstream_on_data on_data;
+    void *context;
+    CURL *easy;
+    int aborted;
+};
+
+upstream_stream *upstream_stream_create(void) {
+    upstream_stream *stream = calloc(1, sizeof *stream);
+    if (!stream) return NULL;
+    stream->multi = curl_multi_init();
+    if (!stream->multi) {
+        free(stream);
+        return NULL;
+    }
+    return stream;
+}
+
+void upstream_stream_cancel(upstream_stream *stream) {
+    atomic_store(&stream->cancelled, 1);
+    curl_multi_wakeup(stream->multi); /* documented as callable from any thread */
+}
+
+int upstream_stream_cancelled(const upstream_stream *stream) { return atomic_load(&stream->cancelled); }
+
+void upstream_stream_destroy(upstream_stream *stream) {
+    if (!stream) return;
+    curl_multi_cleanup(stream->multi);
+    free(stream);
+}
+
+static size_t deliver(char *bytes, size_t size, size_t count, void *user) {
+    upstream_stream *stream = user;
+    if (atomic_load(&stream->cancelled)) return 0; /* aborts the transfer */
+    long status = 0;
+    curl_easy_getinfo(stream->easy, CURLINFO_RESPONSE_CODE, &status);
+    if (stream->on_data(stream->context, status, bytes, size * count) != 0) {
+        stream->aborted = 1;
+        return 0;
+    }
+    return size * count;
+}
+
+upstream_result upstream_stream_run(upstream_stream *stream, const char *url, const char *api_key, const char *body,
+                                    upstream_on_data on_data, void *context, long *http_status,
+                                    char *error, size_t error_size) {
+    *http_status = 0;
+    if (atomic_load(&stream->cancelled)) return UPSTREAM_CANCELLED;
+    CURL *easy = curl_easy_init();
+    if (!easy) {
+        snprintf(error, error_size, "curl_easy_init failed");
+        return UPSTREAM_FAILED;
+    }
+    struct curl_slist *headers = headers_for(api_key, 1);
+    configure(easy, url, headers, body);
+    curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, deliver);
+    curl_easy_setopt(easy, CURLOPT_WRITEDATA, stream);
+    stream->easy = easy;
+    stream->on_data = on_data;
+    stream->context = context;
+    curl_multi_add_handle(stream->multi, easy);
+
+    CURLcode code = CURLE_OK;
+    int finished = 0;
+    while (!finished && !atomic_load(&stream->cancelled)) {
+        int running = 0;
+        if (curl_multi_perform(stream->multi, &running) != CURLM_OK) {
+            code = CURLE_FAILED_INIT;
+            break;
+        }
+        int queued;
+        CURLMsg *message;
+        while ((message = curl_multi_info_read(stream->multi, &queued))) {
+            if (message->msg == CURLMSG_DONE) {
+                code = message->data.result;
+                finished = 1;
+            }
+        }
+        if (!finished && running) curl_multi_poll(stream->multi, NULL, 0, 1000, NULL);
+    }
+    curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, http_status);
+    /* Removing and cleaning up the handle closes its connection (reuse is forbidden). */
+    curl_multi_remove_handle(stream->multi, easy);
+    curl_easy_cleanup(easy);
+    curl_slist_free_all(headers);
+    stream->easy = NULL;
+
+    if (atomic_load(&stream->cancelled)) return UPSTREAM_CANCELLED;
+    if (stream->aborted) return UPSTREAM_ABORTED;
+    if (code != CURLE_OK) {
+        snprintf(error, error_size, "%s", curl_easy_strerror(code));
+        return UPSTREAM_FAILED;
+    }
+    return UPSTREAM_COMPLETED;
+}

@@ -1,0 +1,86 @@
+"""Looks at a llama-server child directly: the host's children, their port and key, and
+what the engine itself reports (/slots, /metrics). Tests use this to check at the
+engine, not through Patchbay, that a cancel really stopped decoding."""
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+
+def llama_children(host_pid: int) -> list["Child"]:
+    """The llama-server processes whose parent is `host_pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if ppid == host_pid and cmdline and cmdline[0].endswith(b"llama-server"):
+            found.append(Child(int(entry.name)))
+    return found
+
+
+def is_running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.time() + timeout
+    while is_running(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    return not is_running(pid)
+
+
+class Child:
+    def __init__(self, pid: int):
+        self.pid = pid
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        self.args = args
+        self.port = int(args[args.index("--port") + 1])
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        self.key = next(e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"LLAMA_API_KEY="))
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, key=True):
+        headers = {"Authorization": f"Bearer {self.key}"} if key else {}
+        req = urllib.request.Request(self.base + path, headers=headers)
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = resp.read().decode()
+        return json.loads(body) if path != "/metrics" else body
+
+    def slots(self) -> list:
+        return self.get("/slots")
+
+    def busy(self) -> bool:
+        return any(slot.get("is_processing") for slot in self.slots())
+
+    def tokens_predicted_total(self) -> int:
+        for line in self.get("/metrics").splitlines():
+            if line.startswith("llamacpp:tokens_predicted_total"):
+                return int(float(line.split()[-1]))
+        raise AssertionError("llama-server's /metrics has no tokens_predicted_total")
+
+    def prompt_tokens_total(self) -> int:
+        for line in self.get("/metrics").splitlines():
+            if line.startswith("llamacpp:prompt_tokens_total"):
+                return int(float(line.split()[-1]))
+        raise AssertionError("llama-server's /metrics has no prompt_tokens_total")
+
+    def wait_idle(self, timeout: float = 5.0) -> float:
+        """Seconds until no slot is processing (polled every 2 ms); raises on timeout."""
+        start = time.perf_counter()
+        while self.busy():
+            if time.perf_counter() - start > timeout:
+                raise AssertionError(f"llama-server still busy after {timeout} s")
+            time.sleep(0.002)
+        return time.perf_counter() - start

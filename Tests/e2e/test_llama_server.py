@@ -1,0 +1,452 @@
+"""The llama-server backend, end to end: the real llama-server built from PyPI's llama.cpp,
+the real SmolLM2-135M-Instruct, the real `patchbay` binary, the official openai SDK.
+Cancels are verified at llama-server itself (/slots, /metrics), not through Patchbay."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import BUILD_DIR, REFERENCE_PLUGIN, Server
+from llama_child import llama_children, wait_gone
+
+LLAMA_PLUGIN = BUILD_DIR / "libPatchbayLlamaServerPlugin.so"
+SMOLLM2 = os.environ.get("PATCHBAY_SMOLLM2", "")
+TEMPLATES = Path(os.environ.get("PATCHBAY_LLAMA_TEMPLATES", "/nonexistent"))
+
+pytestmark = pytest.mark.skipif(
+    not (SMOLLM2 and os.environ.get("PATCHBAY_LLAMA_SERVER")),
+    reason="needs PATCHBAY_SMOLLM2 and PATCHBAY_LLAMA_SERVER (scripts/test sets them)")
+
+GREEDY = {"temperature": 0, "seed": 7}
+# A prompt SmolLM2 answers at length, so that there is decoding to interrupt.
+LONG_ANSWER = [{"role": "user", "content": "Write a very long story about a dragon who learns to bake bread."}]
+
+
+def start_server(**kwargs) -> Server:
+    workdir = Path(tempfile.mkdtemp(prefix="patchbay-llama-"))
+    server = Server(workdir, plugins=(REFERENCE_PLUGIN, LLAMA_PLUGIN), **kwargs)
+    server.cleanup = lambda: shutil.rmtree(workdir, ignore_errors=True)
+    return server
+
+
+def load_smollm2(server: Server, **fields) -> dict:
+    status, body = server.post("/api/inference/load", {"model_path": SMOLLM2, **fields})
+    assert status == 200, body
+    return body
+
+
+def the_child(server: Server):
+    children = llama_children(server.process.pid)
+    assert len(children) == 1, children
+    return children[0]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """One host with SmolLM2 loaded, shared by the tests that do not disturb it."""
+    server = start_server()
+    load_smollm2(server)
+    yield server
+    server.stop()
+    server.cleanup()
+
+
+@pytest.fixture
+def client(llama):
+    return openai.OpenAI(base_url=llama.base + "/v1", api_key="unused", max_retries=0)
+
+
+def stream_text(client, **kwargs):
+    text, finish, usage = "", None, None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
+        if chunk.usage:
+            usage = chunk.usage
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+    return text, finish, usage
+
+
+# ─── Chat ───────────────────────────────────────────────────────────────────
+
+def test_model_is_served_by_llama_server(llama):
+    status, models = llama.get("/v1/models")
+    assert status == 200
+    [model] = models["data"]
+    assert model["id"] == "SmolLM2-135M-Instruct.Q4_1"
+    assert model["backend"] == "llama-server"
+    assert model["context_length"] == 8192
+    child = the_child(llama)
+    assert child.args[0] == os.environ["PATCHBAY_LLAMA_SERVER"]
+    # Bound to loopback, and useless without the key only the host knows.
+    assert child.args[child.args.index("--host") + 1] == "127.0.0.1"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        child.get("/slots", key=False)
+    assert refused.value.code == 401
+
+
+def test_chat_non_streaming_with_usage(client):
+    reply = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=48, **GREEDY)
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 5
+    assert 0 < reply.usage.completion_tokens <= 48
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_streaming_matches_non_streaming(client):
+    messages = [{"role": "user", "content": "Name three colours."}]
+    whole = client.chat.completions.create(model="default", messages=messages, max_tokens=40, **GREEDY)
+    text, finish, usage = stream_text(client, model="default", messages=messages, max_tokens=40, **GREEDY)
+    assert text == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_max_tokens_gives_length(client):
+    reply = client.chat.completions.create(model="default", messages=LONG_ANSWER, max_tokens=5, **GREEDY)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5
+
+
+def test_stop_sequence_cuts_the_answer(client):
+    free = client.chat.completions.create(model="default", messages=LONG_ANSWER, max_tokens=60, **GREEDY)
+    text = free.choices[0].message.content
+    words = text.split()
+    stop_word = words[len(words) // 2]
+    cut = client.chat.completions.create(model="default", messages=LONG_ANSWER, max_tokens=60, stop=[stop_word],
+                                         **GREEDY)
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[:text.index(stop_word)]
+
+
+def test_multi_turn_conversation_reaches_the_model(client):
+    first = [{"role": "user", "content": "My name is Alice. Remember it."}]
+    one = client.chat.completions.create(model="default", messages=first, max_tokens=30, **GREEDY)
+    second = first + [{"role": "assistant", "content": one.choices[0].message.content},
+                      {"role": "user", "content": "What is my name?"}]
+    two = client.chat.completions.create(model="default", messages=second, max_tokens=30, **GREEDY)
+    assert "Alice" in two.choices[0].message.content
+    # The whole history was rendered into the second prompt.
+    assert two.usage.prompt_tokens > one.usage.prompt_tokens + one.usage.completion_tokens
+
+
+def test_prompt_longer_than_the_context_is_a_400(llama):
+    status, body = llama.post("/api/inference/load", {"model_path": SMOLLM2, "alias": "smol-512", "max_seq_length": 512})
+    assert status == 200, body
+    try:
+        status, body = llama.post("/v1/chat/completions", {
+            "model": "smol-512", "messages": [{"role": "user", "content": "bread " * 1500}]})
+        assert status == 400, body
+        assert body["error"]["code"] == "context_length_exceeded"
+        assert "context" in body["error"]["message"]
+        # The same in a stream: the SDK raises, the host stays healthy.
+        client = openai.OpenAI(base_url=llama.base + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="smol-512", stream=True,
+                                           messages=[{"role": "user", "content": "bread " * 1500}])
+    finally:
+        llama.post("/api/inference/unload", {"model_path": "smol-512"})
+
+
+def test_tools_on_a_template_without_tools_are_a_clear_400(llama):
+    status, body = llama.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]})
+    assert status == 400, body
+    assert body["error"]["param"] == "tools"
+    assert "tools" in body["error"]["message"]
+
+
+def test_image_on_a_text_only_model_is_a_400(llama):
+    status, body = llama.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]})
+    assert status == 400, body
+    assert "vision" in body["error"]["message"]
+
+
+# ─── Stop: verified at llama-server ──────────────────────────────────────────
+
+def start_stream(client, cancel_id, messages, max_tokens=2000):
+    result = {"chunks": 0, "finish": None, "error": None, "first": threading.Event(), "done": threading.Event()}
+
+    def consume():
+        try:
+            for chunk in client.chat.completions.create(
+                    model="default", messages=messages, max_tokens=max_tokens, stream=True,
+                    extra_body={"cancel_id": cancel_id}, **GREEDY):
+                if chunk.choices:
+                    result["finish"] = chunk.choices[0].finish_reason or result["finish"]
+                    if chunk.choices[0].delta.content:
+                        result["chunks"] += 1
+                        result["first"].set()
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            result["error"] = error
+        result["done"].set()
+
+    threading.Thread(target=consume, daemon=True).start()
+    return result
+
+
+def test_cancel_mid_decode_stops_llama_server(llama, client):
+    child = the_child(llama)
+    result = start_stream(client, "decode-stop", LONG_ANSWER)
+    assert result["first"].wait(30)
+    while result["chunks"] < 10:
+        time.sleep(0.005)
+    assert child.busy()
+    sent = time.perf_counter()
+    status, body = llama.post("/api/inference/cancel", {"cancel_id": "decode-stop"})
+    assert status == 200 and body["cancelled"] == 1
+    child.wait_idle(timeout=2)
+    stopped_after = time.perf_counter() - sent
+    assert result["done"].wait(5)
+    assert result["error"] is None
+    assert result["finish"] == "stop"
+    predicted = child.tokens_predicted_total()
+    time.sleep(0.5)
+    assert child.tokens_predicted_total() == predicted, "llama-server kept decoding after the cancel"
+    assert stopped_after < 1.0
+    assert llama.wait_idle() == 0
+
+
+def test_cancel_during_prefill_stops_llama_server(llama, client):
+    child = the_child(llama)
+    predicted_before = child.tokens_predicted_total()
+    # ~3k prompt tokens: seconds of prompt processing on CPU, cancelled in the middle.
+    long_prompt = [{"role": "user", "content": "Summarise: " + " ".join(f"item{i} bread flour" for i in range(900))}]
+    result = start_stream(client, "prefill-stop", long_prompt, max_tokens=50)
+    deadline = time.time() + 10
+    while not child.busy():
+        assert time.time() < deadline, "llama-server never started the prompt"
+        time.sleep(0.005)
+    time.sleep(0.3)
+    assert result["chunks"] == 0, "the prompt finished before the cancel; make it longer"
+    sent = time.perf_counter()
+    status, body = llama.post("/api/inference/cancel", {"cancel_id": "prefill-stop"})
+    assert body["cancelled"] == 1
+    child.wait_idle(timeout=5)
+    stopped_after = time.perf_counter() - sent
+    assert result["done"].wait(5)
+    assert result["chunks"] == 0
+    assert child.tokens_predicted_total() == predicted_before, "a token was decoded after a cancel during prefill"
+    assert stopped_after < 1.0, f"llama-server went on with the prompt for {stopped_after:.3f} s"
+
+
+def test_client_disconnect_frees_the_slot(llama, client):
+    child = the_child(llama)
+    stream = client.chat.completions.create(model="default", messages=LONG_ANSWER, max_tokens=2000, stream=True,
+                                            **GREEDY)
+    for i, _ in enumerate(stream):
+        if i == 10:
+            break
+    stream.close()
+    child.wait_idle(timeout=2)
+    assert llama.wait_idle() == 0
+
+
+# ─── Load, unload, faults, process lifetime ─────────────────────────────────
+
+def test_load_progress_rises_to_one_and_unload_frees_the_child():
+    server = start_server()
+    try:
+        samples = []
+        loader = threading.Thread(target=lambda: samples.append(load_smollm2(server)))
+        loader.start()
+        progress = []
+        while loader.is_alive():
+            status, body = server.get("/api/inference/load-progress")
+            if body and body.get("progress") is not None:
+                progress.append(body["progress"])
+            time.sleep(0.01)
+        loader.join()
+        assert samples and samples[0]["status"] == "loaded"
+        fractions = [p["fraction"] for p in progress]
+        assert fractions, "no load progress was observed"
+        assert fractions == sorted(fractions), fractions
+        status, body = server.get("/api/inference/load-progress")
+        assert body["progress"]["fraction"] == 1.0 and body["progress"]["phase"] == "ready"
+
+        child = the_child(server)
+        status, _ = server.post("/api/inference/unload", {"model_path": SMOLLM2})
+        assert status == 200
+        assert wait_gone(child.pid, timeout=10)
+        assert llama_children(server.process.pid) == []
+    finally:
+        server.stop()
+        server.cleanup()
+
+
+def test_killed_child_gives_a_clean_error_and_the_next_request_respawns_it():
+    server = start_server()
+    try:
+        load_smollm2(server)
+        child = the_child(server)
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(model="default", messages=LONG_ANSWER, max_tokens=2000, stream=True,
+                                                **GREEDY)
+        with pytest.raises(openai.APIError) as caught:
+            for i, _ in enumerate(stream):
+                if i == 5:
+                    os.kill(child.pid, signal.SIGKILL)
+        assert "Lost connection to the model server" in str(caught.value)
+        assert server.wait_idle() == 0
+
+        reply = client.chat.completions.create(model="default", max_tokens=8,
+                                               messages=[{"role": "user", "content": "Hello!"}], **GREEDY)
+        assert reply.choices[0].message.content
+        respawned = the_child(server)
+        assert respawned.pid != child.pid
+    finally:
+        server.stop()
+        server.cleanup()
+
+
+def test_non_streaming_request_to_a_dead_child_is_a_502_then_recovers():
+    server = start_server()
+    try:
+        load_smollm2(server)
+        child = the_child(server)
+        result = {}
+
+        def ask():
+            result["reply"] = server.post("/v1/chat/completions", {"messages": LONG_ANSWER, "max_tokens": 2000})
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        deadline = time.time() + 10
+        while not child.busy():
+            assert time.time() < deadline
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+        asker.join(30)
+        status, body = result["reply"]
+        assert status == 502, body
+        assert "Lost connection to the model server" in body["error"]["message"]
+        status, body = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                            "max_tokens": 4})
+        assert status == 200, body
+    finally:
+        server.stop()
+        server.cleanup()
+
+
+def test_no_child_outlives_the_host_killed_with_sigkill():
+    server = start_server()
+    try:
+        load_smollm2(server)
+        child = the_child(server)
+        server.process.kill()
+        server.process.wait()
+        assert wait_gone(child.pid, timeout=10), "llama-server outlived a SIGKILLed host"
+    finally:
+        server.cleanup()
+
+
+def test_no_child_outlives_sigterm():
+    server = start_server()
+    try:
+        load_smollm2(server)
+        child = the_child(server)
+        server.stop()
+        assert server.process.returncode == 0
+        assert wait_gone(child.pid, timeout=10)
+    finally:
+        server.cleanup()
+
+
+def test_load_errors_are_clear():
+    server = start_server()
+    try:
+        status, body = server.post("/api/inference/load", {"model_path": SMOLLM2, "llama_extra_args": ["--port", "1"]})
+        assert status == 400, body
+        assert "--port" in body["error"]["message"]
+
+        status, body = server.post("/api/inference/load", {"model_path": SMOLLM2,
+                                                           "llama_extra_args": ["--no-such-flag"]})
+        assert status == 500, body
+        assert "exited during load" in body["error"]["message"]
+        assert "--no-such-flag" in body["error"]["message"]  # the tail of llama-server's own log
+
+        status, body = server.post("/api/inference/load", {"model_path": SMOLLM2,
+                                                           "llama_server_path": "/nonexistent/llama-server"})
+        assert status == 500, body
+        assert "llama-server not found" in body["error"]["message"]
+        assert llama_children(server.process.pid) == []
+    finally:
+        server.stop()
+        server.cleanup()
+
+
+# ─── Tool calling with a tool-aware chat template ───────────────────────────
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tool_model(llama):
+    template = (TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()
+    status, body = llama.post("/api/inference/load", {
+        "model_path": SMOLLM2, "alias": "smol-tools", "chat_template_override": template})
+    assert status == 200, body
+    yield "smol-tools"
+    llama.post("/api/inference/unload", {"model_path": "smol-tools"})
+
+
+def test_tools_reach_the_engine_and_a_call_comes_back(llama, client, tool_model):
+    without = client.chat.completions.create(model=tool_model, messages=ASK_WEATHER, max_tokens=1, **GREEDY)
+    reply = client.chat.completions.create(model=tool_model, messages=ASK_WEATHER, tools=[WEATHER_TOOL],
+                                           tool_choice="required", max_tokens=200, **GREEDY)
+    # The template rendered the tool's schema into the prompt.
+    assert reply.usage.prompt_tokens > without.usage.prompt_tokens + 20
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert call.id
+    assert "Paris" in json.loads(call.function.arguments)["city"]
+
+
+def test_streamed_tool_call_deltas_and_the_follow_up_turn(client, tool_model):
+    name, arguments, call_id, finish = "", "", None, None
+    for chunk in client.chat.completions.create(model=tool_model, messages=ASK_WEATHER, tools=[WEATHER_TOOL],
+                                                tool_choice="required", max_tokens=200, stream=True, **GREEDY):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        for call in delta.tool_calls or []:
+            assert call.index == 0
+            call_id = call.id or call_id
+            name += call.function.name or "" if call.function else ""
+            arguments += call.function.arguments or "" if call.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert name == "get_weather" and call_id
+    assert "Paris" in json.loads(arguments)["city"]
+
+    follow_up = ASK_WEATHER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": '{"temperature_c": 18, "sky": "sunny"}'},
+    ]
+    reply = client.chat.completions.create(model=tool_model, messages=follow_up, tools=[WEATHER_TOOL],
+                                           tool_choice="none", max_tokens=60, **GREEDY)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.choices[0].message.content
+    assert not reply.choices[0].message.tool_calls

