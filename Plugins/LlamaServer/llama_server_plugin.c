@@ -17,10 +17,11 @@
  *   llama_server_path (default: $PATCHBAY_LLAMA_SERVER, then the cached build,
  *   then `llama-server` on PATH), load_timeout_s (600).
  *
- * Why batch 128: llama-server notices a closed connection only between prompt
- * batches. At its default (2048/512) a stop during a long prefill took seconds;
- * at 128 it takes tens of milliseconds, at no measurable prompt-speed cost on
- * CPU (Benchmarks/llama_server_bench.py measures both).
+ * Why small prompt batches: llama-server notices a closed connection only
+ * between prompt batches (and only with `return_progress`, see build_body). At
+ * its default (2048/512) a stop during a long prefill takes seconds; at 128 a
+ * fraction of one, at no measurable prompt-speed cost on CPU
+ * (Benchmarks/llama_server_bench.py measures both).
  */
 #define _GNU_SOURCE
 #include "patchbay.h"
@@ -557,6 +558,11 @@ static char *build_body(const json_value *request, int is_completion) {
     jb_append_str(&b, "true");
     jb_key(&b, "stream_options");
     jb_append_str(&b, "{\"include_usage\":true}");
+    /* Progress chunks after every prompt batch wake llama-server's HTTP thread, which is
+     * when it notices a closed connection; without them a close during prefill goes
+     * unnoticed until the prompt is done (its 1 s poll restarts on every other result). */
+    jb_key(&b, "return_progress");
+    jb_append_str(&b, "true");
     jb_key(&b, "max_tokens");
     jb_printf(&b, "%lld", (long long)json_get_number(request, "max_tokens", -1));
     for (const char *const *key = forwarded; *key; key++) {
@@ -794,6 +800,7 @@ static void llama_run_execute(pb_run *run, const pb_event_sink *sink) {
     }
     char url[128];
     snprintf(url, sizeof url, "%s%s", base_url, run->is_completion ? "/v1/completions" : "/v1/chat/completions");
+    log_line(PB_LOG_DEBUG, "POST %s %s", url, run->body);
     long http_status = 0;
     char transfer_error[256] = "";
     upstream_result result = upstream_stream_run(run->stream, url, run->model->api_key, run->body, on_stream_data, run,

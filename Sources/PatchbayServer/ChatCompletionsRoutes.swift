@@ -34,11 +34,12 @@ struct ChatCompletionsRoutes {
             return JSONResponse.bytes(result.response(id: id, created: created, model: model.id))
         }
 
+        let first = try await lease.firstEvents()
         let encoder = ChatCompletionStreamEncoder(id: id, created: created, model: model.id,
                                                   includeUsage: chat.streamOptions?.includeUsage ?? false)
         return Response(status: .ok, headers: eventStreamHeaders, body: ResponseBody { [encoder] writer in
             var encoder = encoder
-            try await lease.pump { events in
+            try await lease.pump(startingWith: first) { events in
                 var out: [UInt8] = []
                 for event in events { encoder.encode(event, into: &out) }
                 if !out.isEmpty { try await writer.write(ByteBuffer(bytes: out)) }
@@ -56,7 +57,7 @@ struct ChatCompletionsRoutes {
             throw .invalidRequest("Image provided but model '\(model.id)' does not support vision.", param: "messages", code: "unsupported_capability")
         }
         if request.tools?.isEmpty == false && !model.capabilities.contains(.tools) {
-            throw .invalidRequest("Model '\(model.id)' (backend '\(model.plugin.name)') does not support tools.", param: "tools", code: "unsupported_parameter")
+            throw .invalidRequest("Model '\(model.id)' (backend '\(model.plugin.name)') does not support tools. For a GGUF model this means its chat template knows no tools; load it with a tool-aware 'chat_template_override'.", param: "tools", code: "unsupported_parameter")
         }
     }
 }

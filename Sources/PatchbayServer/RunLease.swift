@@ -35,13 +35,33 @@ final class RunLease: Sendable {
         watchdog.cancel()
     }
 
-    /// Hands each batch of events to `body`, up to and including the terminal event.
+    /// Waits for the run's first events, before a streaming response commits to 200. An
+    /// engine that fails before producing anything (a prompt longer than the context, a lost
+    /// engine) then fails the request with its own status, as the engine itself would.
+    func firstEvents() async throws -> [GenerationEvent] {
+        let batch = await run.nextEvents()
+        if case .error(let error)? = batch.first {
+            end()
+            throw error
+        }
+        return batch
+    }
+
+    /// Hands each batch of events to `body`, up to and including the terminal event,
+    /// starting with `first` (from `firstEvents`) when given.
     /// If `body` throws (the client went away), the run is cancelled.
-    func pump(_ body: ([GenerationEvent]) async throws -> Void) async throws {
+    func pump(startingWith first: [GenerationEvent]? = nil, _ body: ([GenerationEvent]) async throws -> Void) async throws {
         do {
             var finished = false
+            var pending = first
             while !finished {
-                var batch = await run.nextEvents()
+                var batch: [GenerationEvent]
+                if let taken = pending {
+                    batch = taken
+                    pending = nil
+                } else {
+                    batch = await run.nextEvents()
+                }
                 if let terminal = batch.firstIndex(where: \.isTerminal) {
                     batch.removeSubrange((terminal + 1)...)
                     finished = true

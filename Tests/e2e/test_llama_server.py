@@ -27,6 +27,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs PATCHBAY_SMOLLM2 and PATCHBAY_LLAMA_SERVER (scripts/test sets them)")
 
 GREEDY = {"temperature": 0, "seed": 7}
+CAPITAL = [{"role": "system", "content": "You are a helpful assistant."},
+           {"role": "user", "content": "What is the capital of France?"}]
 # A prompt SmolLM2 answers at length, so that there is decoding to interrupt.
 LONG_ANSWER = [{"role": "user", "content": "Write a very long story about a dragon who learns to bake bread."}]
 
@@ -95,9 +97,7 @@ def test_model_is_served_by_llama_server(llama):
 
 
 def test_chat_non_streaming_with_usage(client):
-    reply = client.chat.completions.create(
-        model="default", messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=48, **GREEDY)
+    reply = client.chat.completions.create(model="default", messages=CAPITAL, max_tokens=48, **GREEDY)
     choice = reply.choices[0]
     assert "Paris" in choice.message.content
     assert choice.finish_reason in ("stop", "length")
@@ -133,14 +133,16 @@ def test_stop_sequence_cuts_the_answer(client):
 
 
 def test_multi_turn_conversation_reaches_the_model(client):
-    first = [{"role": "user", "content": "My name is Alice. Remember it."}]
-    one = client.chat.completions.create(model="default", messages=first, max_tokens=30, **GREEDY)
-    second = first + [{"role": "assistant", "content": one.choices[0].message.content},
-                      {"role": "user", "content": "What is my name?"}]
-    two = client.chat.completions.create(model="default", messages=second, max_tokens=30, **GREEDY)
-    assert "Alice" in two.choices[0].message.content
-    # The whole history was rendered into the second prompt.
-    assert two.usage.prompt_tokens > one.usage.prompt_tokens + one.usage.completion_tokens
+    one = client.chat.completions.create(model="default", messages=CAPITAL, max_tokens=30, **GREEDY)
+    assert "Paris" in one.choices[0].message.content
+    follow_up = {"role": "user", "content": "Tell me one famous building there."}
+    history = CAPITAL + [{"role": "assistant", "content": one.choices[0].message.content}, follow_up]
+    two = client.chat.completions.create(model="default", messages=history, max_tokens=30, **GREEDY)
+    alone = client.chat.completions.create(model="default", messages=[CAPITAL[0], follow_up], max_tokens=30,
+                                           **GREEDY)
+    # The whole history was rendered into the prompt, and it changed the (greedy) answer.
+    assert two.usage.prompt_tokens > alone.usage.prompt_tokens + one.usage.completion_tokens
+    assert two.choices[0].message.content != alone.choices[0].message.content
 
 
 def test_prompt_longer_than_the_context_is_a_400(llama):
@@ -158,7 +160,7 @@ def test_prompt_longer_than_the_context_is_a_400(llama):
             client.chat.completions.create(model="smol-512", stream=True,
                                            messages=[{"role": "user", "content": "bread " * 1500}])
     finally:
-        llama.post("/api/inference/unload", {"model_path": "smol-512"})
+        llama.post("/api/inference/unload", {"model_path": "smol-512", "force_cancel_active": True})
 
 
 def test_tools_on_a_template_without_tools_are_a_clear_400(llama):
@@ -243,7 +245,9 @@ def test_cancel_during_prefill_stops_llama_server(llama, client):
     assert result["done"].wait(5)
     assert result["chunks"] == 0
     assert child.tokens_predicted_total() == predicted_before, "a token was decoded after a cancel during prefill"
-    assert stopped_after < 1.0, f"llama-server went on with the prompt for {stopped_after:.3f} s"
+    # The whole prompt takes tens of seconds here; the stop lands at the next prompt batch or
+    # two. How fast exactly is for Benchmarks/llama_server_bench.py, not for a timed test.
+    assert stopped_after < 5.0, f"llama-server went on with the prompt for {stopped_after:.3f} s"
 
 
 def test_client_disconnect_frees_the_slot(llama, client):
@@ -266,19 +270,19 @@ def test_load_progress_rises_to_one_and_unload_frees_the_child():
         samples = []
         loader = threading.Thread(target=lambda: samples.append(load_smollm2(server)))
         loader.start()
-        progress = []
+        fractions = []
         while loader.is_alive():
-            status, body = server.get("/api/inference/load-progress")
-            if body and body.get("progress") is not None:
-                progress.append(body["progress"])
-            time.sleep(0.01)
+            progress = server.get("/api/inference/load-progress")[1]
+            if progress["phase"]:
+                fractions.append(progress["fraction"])
+            time.sleep(0.005)
         loader.join()
         assert samples and samples[0]["status"] == "loaded"
-        fractions = [p["fraction"] for p in progress]
-        assert fractions, "no load progress was observed"
+        final = server.get("/api/inference/load-progress")[1]
+        assert final["phase"] == "ready" and final["fraction"] == 1.0
+        # The child's resident memory against the file's size, rising while it loads.
+        assert any(0 < f < 1 for f in fractions), fractions
         assert fractions == sorted(fractions), fractions
-        status, body = server.get("/api/inference/load-progress")
-        assert body["progress"]["fraction"] == 1.0 and body["progress"]["phase"] == "ready"
 
         child = the_child(server)
         status, _ = server.post("/api/inference/unload", {"model_path": SMOLLM2})
@@ -399,22 +403,42 @@ WEATHER_TOOL = {"type": "function", "function": {
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
+def load_with_template(llama, alias, template):
+    status, body = llama.post("/api/inference/load", {
+        "model_path": SMOLLM2, "alias": alias, "chat_template_override": (TEMPLATES / template).read_text()})
+    assert status == 200, body
+    return body
+
+
 @pytest.fixture(scope="module")
 def tool_model(llama):
-    template = (TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()
-    status, body = llama.post("/api/inference/load", {
-        "model_path": SMOLLM2, "alias": "smol-tools", "chat_template_override": template})
-    assert status == 200, body
+    """SmolLM2 with functionary v3.2's template: of the tool-aware templates in llama.cpp's tree,
+    the one under which this llama.cpp build constrains output to a call for tool_choice
+    "required" (with the others, SmolLM2 answers in prose)."""
+    assert load_with_template(llama, "smol-tools", "meetkai-functionary-medium-v3.2.jinja")["supports_tools"]
     yield "smol-tools"
-    llama.post("/api/inference/unload", {"model_path": "smol-tools"})
+    llama.post("/api/inference/unload", {"model_path": "smol-tools", "force_cancel_active": True})
+
+
+@pytest.fixture(scope="module")
+def answer_model(llama):
+    """SmolLM2 with SmolLM3's template, which renders tool calls and results and lets the model
+    answer in text. (Under functionary's template the model must open its answer with `>>>all`,
+    which SmolLM2 never does, and llama-server fails the request.)"""
+    load_with_template(llama, "smol-answers", "HuggingFaceTB-SmolLM3-3B.jinja")
+    yield "smol-answers"
+    llama.post("/api/inference/unload", {"model_path": "smol-answers", "force_cancel_active": True})
 
 
 def test_tools_reach_the_engine_and_a_call_comes_back(llama, client, tool_model):
-    without = client.chat.completions.create(model=tool_model, messages=ASK_WEATHER, max_tokens=1, **GREEDY)
     reply = client.chat.completions.create(model=tool_model, messages=ASK_WEATHER, tools=[WEATHER_TOOL],
                                            tool_choice="required", max_tokens=200, **GREEDY)
-    # The template rendered the tool's schema into the prompt.
-    assert reply.usage.prompt_tokens > without.usage.prompt_tokens + 20
+    # The template renders the tools' schemas into the prompt: a longer description, a longer prompt.
+    verbose_tool = json.loads(json.dumps(WEATHER_TOOL))
+    verbose_tool["function"]["description"] += " It reports temperature, wind, humidity and the sky." * 4
+    verbose = client.chat.completions.create(model=tool_model, messages=ASK_WEATHER, tools=[verbose_tool],
+                                             tool_choice="required", max_tokens=200, **GREEDY)
+    assert verbose.usage.prompt_tokens > reply.usage.prompt_tokens + 30
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls", choice
     [call] = choice.message.tool_calls
@@ -423,20 +447,22 @@ def test_tools_reach_the_engine_and_a_call_comes_back(llama, client, tool_model)
     assert "Paris" in json.loads(call.function.arguments)["city"]
 
 
-def test_streamed_tool_call_deltas_and_the_follow_up_turn(client, tool_model):
-    name, arguments, call_id, finish = "", "", None, None
+def test_streamed_tool_call_deltas_and_the_follow_up_turn(client, tool_model, answer_model):
+    name, arguments, call_id, finish, deltas = "", "", None, None, 0
     for chunk in client.chat.completions.create(model=tool_model, messages=ASK_WEATHER, tools=[WEATHER_TOOL],
                                                 tool_choice="required", max_tokens=200, stream=True, **GREEDY):
         if not chunk.choices:
             continue
-        delta = chunk.choices[0].delta
-        for call in delta.tool_calls or []:
+        for call in chunk.choices[0].delta.tool_calls or []:
             assert call.index == 0
+            deltas += 1
             call_id = call.id or call_id
-            name += call.function.name or "" if call.function else ""
-            arguments += call.function.arguments or "" if call.function else ""
+            if call.function:
+                name += call.function.name or ""
+                arguments += call.function.arguments or ""
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls"
+    assert deltas > 1, "the arguments should stream in pieces"
     assert name == "get_weather" and call_id
     assert "Paris" in json.loads(arguments)["city"]
 
@@ -445,8 +471,8 @@ def test_streamed_tool_call_deltas_and_the_follow_up_turn(client, tool_model):
             {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
         {"role": "tool", "tool_call_id": call_id, "content": '{"temperature_c": 18, "sky": "sunny"}'},
     ]
-    reply = client.chat.completions.create(model=tool_model, messages=follow_up, tools=[WEATHER_TOOL],
-                                           tool_choice="none", max_tokens=60, **GREEDY)
-    assert reply.choices[0].finish_reason in ("stop", "length")
-    assert reply.choices[0].message.content
+    reply = client.chat.completions.create(model=answer_model, messages=follow_up, max_tokens=60, **GREEDY)
+    assert reply.choices[0].finish_reason == "stop"
     assert not reply.choices[0].message.tool_calls
+    # The answer uses the tool's result, so the result reached the model.
+    assert "sunny" in reply.choices[0].message.content
