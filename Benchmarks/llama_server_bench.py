@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Patchbay's llama-server backend against llama-server itself, side by side in one run.
 
-Starts Patchbay with SmolLM2 loaded, then a second llama-server with exactly the child's
-command line (another port), and sends the same requests to both, interleaved, so that
-a busy machine slows both alike. Prints:
+Starts Patchbay with SmolLM2 loaded, and sends the same requests through Patchbay and
+straight to Patchbay's own llama-server child (same process, same settings, same cache
+state), interleaved, so that a busy machine slows both alike. Prints:
 
   - decode tokens/s, Patchbay / direct (target >= 0.98)
   - added time to first token, median (target <= 2 ms)
@@ -11,7 +11,8 @@ a busy machine slows both alike. Prints:
   - cancel -> llama-server stopped, measured at the engine's /slots:
       during decode (target p95 <= 50 ms),
       during the prefill of a ~3k-token prompt (target p95 <= 300 ms), against the same
-      with llama-server's default batch sizes
+      with llama-server's default batch sizes (a second llama-server, started with the
+      child's command line less the batch flags)
   - prompt tokens/s at Patchbay's batch settings vs llama-server's defaults (within 5%)
 
 Run it after scripts/test or scripts/run (they build llama.cpp and fetch the model):
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "e2e"))
 from llama_child import Child, llama_children  # noqa: E402
 
+PREFILL_ITEMS = 480  # about 3,000 prompt tokens with SmolLM2's tokenizer
 CACHE = Path(os.environ.get("PATCHBAY_CACHE", Path.home() / ".cache" / "patchbay"))
 
 
@@ -71,7 +73,7 @@ def wait_health(port: int, process: subprocess.Popen, what: str):
     deadline = time.time() + 120
     while time.time() < deadline:
         if process.poll() is not None:
-            sys.exit(f"{what} exited")
+            sys.exit(f"{what} exited: {process.args}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:
@@ -142,19 +144,25 @@ def pct(values, q):
 
 
 def decode_ratio(patchbay, direct, rounds, tokens):
-    rates = {"patchbay": [], "direct": []}
-    ttft = {"patchbay": [], "direct": []}
+    """Pairs of requests, one through each path, back to back; the median of the per-pair ratios
+    cancels out a machine that drifts. Every request has a prompt of its own (same length), so
+    that neither is served from the other's prompt cache."""
+    ratios, added_ttft, direct_rates, direct_ttft = [], [], [], []
     for i in range(rounds):
         # Alternate who goes first: neither side always runs on a warmer machine.
         order = [patchbay, direct] if i % 2 == 0 else [direct, patchbay]
-        for target in order:
-            body = {"messages": prompt(i), "max_tokens": tokens, "temperature": 0, "seed": 1}
+        rate, ttft = {}, {}
+        for k, target in enumerate(order):
+            body = {"messages": prompt(2 * i + k), "max_tokens": tokens, "temperature": 0, "seed": 1}
             first, decode, chunks, _ = target.stream(body)
-            rates[target.name].append((chunks - 1) / decode if decode > 0 else 0)
-            ttft[target.name].append(first)
-    ratio = statistics.median(rates["patchbay"]) / statistics.median(rates["direct"])
-    added_ttft_ms = (statistics.median(ttft["patchbay"]) - statistics.median(ttft["direct"])) * 1000
-    return ratio, added_ttft_ms, statistics.median(rates["direct"]), statistics.median(ttft["direct"]) * 1000
+            rate[target.name] = (chunks - 1) / decode if decode > 0 else 0
+            ttft[target.name] = first
+        ratios.append(rate["patchbay"] / rate["direct"])
+        added_ttft.append((ttft["patchbay"] - ttft["direct"]) * 1000)
+        direct_rates.append(rate["direct"])
+        direct_ttft.append(ttft["direct"] * 1000)
+    return (statistics.median(ratios), statistics.median(added_ttft), statistics.median(direct_rates),
+            statistics.median(direct_ttft))
 
 
 def concurrent_ratio(patchbay, direct, streams, tokens, rounds=2):
@@ -172,8 +180,8 @@ def concurrent_ratio(patchbay, direct, streams, tokens, rounds=2):
         return sum(counts) / (time.perf_counter() - start)
     ratios = []
     for r in range(rounds):
-        a = aggregate(patchbay, r)
-        b = aggregate(direct, r)
+        a = aggregate(patchbay, 2 * r)
+        b = aggregate(direct, 2 * r + 1)
         ratios.append(a / b)
     return statistics.median(ratios)
 
@@ -183,21 +191,20 @@ def cancel_latency(cancel, child: Child, target: Target, i: int, prompt_words: i
     `decode_tokens` tokens or (0) 0.3 s into the prefill. Returns seconds from the cancel until
     llama-server's /slots shows no slot processing."""
     body = {"messages": prompt(i, prompt_words), "max_tokens": 2000, "temperature": 0, "cancel_id": f"bench-{i}"}
-    predicted = child.tokens_predicted_total()
     thread = threading.Thread(target=target.stream, args=(body,))
     thread.start()
     while not child.busy():
-        time.sleep(0.002)
+        time.sleep(0.005)
     if decode_tokens:
-        while child.tokens_predicted_total() < predicted + decode_tokens:
+        while child.decoding() < decode_tokens:
             time.sleep(0.005)
     else:
         time.sleep(0.3)
-        if child.tokens_predicted_total() != predicted:
+        if child.decoding():
             print("  (warning: the prefill ended before the cancel; use a longer prompt)")
     t0 = cancel(body["cancel_id"])
     while child.busy():
-        time.sleep(0.001)
+        time.sleep(0.005)
     latency = time.perf_counter() - t0
     thread.join()
     return latency
@@ -208,6 +215,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--cancels", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=0, help="n_batch = n_ubatch to load with (default: the plugin's)")
+    parser.add_argument("--skip-defaults", action="store_true",
+                        help="skip the slow part at llama-server's default batch sizes")
     args = parser.parse_args()
 
     binary = build_dir() / "patchbay"
@@ -223,7 +233,8 @@ def main():
     try:
         wait_health(port, host, "patchbay")
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/inference/load",
-                                     data=json.dumps({"model_path": MODEL}).encode(),
+                                     data=json.dumps({"model_path": MODEL, **(
+                                         {"n_batch": args.batch, "n_ubatch": args.batch} if args.batch else {})}).encode(),
                                      headers={"Content-Type": "application/json"})
         urllib.request.urlopen(req, timeout=300).read()
         [child] = llama_children(host.pid)
@@ -235,15 +246,14 @@ def main():
                 for flag in ("--batch-size", "--ubatch-size"):
                     i = args.index(flag)
                     del args[i:i + 2]
-            proc = subprocess.Popen(args, env={**os.environ, "LLAMA_API_KEY": child.key},
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            log = open(workdir / f"direct-{len(processes)}.log", "w")
+            proc = subprocess.Popen(args, env={**os.environ, "LLAMA_API_KEY": child.key}, stdout=log, stderr=log)
             processes.append(proc)
             wait_health(direct_port, proc, "llama-server")
             return proc
 
-        direct_proc = start_direct(False)
         patchbay = Target("patchbay", port)
-        direct = Target("direct", Child(direct_proc.pid).port, child.key)
+        direct = Target("direct", child.port, child.key)
         print(f"llama-server: {LLAMA_SERVER}\nmodel: {MODEL}\nchild: {' '.join(child.args[1:])}\n")
 
         for target in (patchbay, direct):  # warm-up
@@ -268,23 +278,24 @@ def main():
         decode = [cancel_latency(cancel_via_patchbay, child, patchbay, 2000 + i, 0, 20) for i in range(args.cancels)]
         print(f"\ncancel during decode -> llama-server idle: p50 {pct(decode, .5)*1000:.1f} ms, "
               f"p95 {pct(decode, .95)*1000:.1f} ms   (target p95 <= 50 ms)")
-        prefill = [cancel_latency(cancel_via_patchbay, child, patchbay, 3000 + i, 900, 0) for i in range(args.cancels)]
+        prefill = [cancel_latency(cancel_via_patchbay, child, patchbay, 3000 + i, PREFILL_ITEMS, 0)
+                   for i in range(args.cancels)]
         print(f"cancel during a ~3k-token prefill (batch {child.args[child.args.index('--batch-size') + 1]}): "
               f"p50 {pct(prefill, .5)*1000:.1f} ms, p95 {pct(prefill, .95)*1000:.1f} ms   (target p95 <= 300 ms)")
+        if args.skip_defaults:
+            return
 
         # The same stop at llama-server's default batch sizes, and prompt speed at both settings.
-        direct_proc.terminate()
-        direct_proc.wait()
         default_child = Child(start_direct(True).pid)
         default_target = Target("default", default_child.port, child.key)
         stops = []
-        for i in range(max(3, args.cancels // 3)):
+        for i in range(3):
             stops.append(prefill_close_latency(default_child, default_target, 4000 + i))
         print(f"  same stop at llama-server's default batch sizes (2048/512), client closing: "
               f"p50 {pct(stops, .5)*1000:.0f} ms, p95 {pct(stops, .95)*1000:.0f} ms")
 
         ours, theirs = [], []
-        for i in range(3):
+        for i in range(2):
             ours.append(prompt_speed(child.base, child.key, 5000 + i))
             theirs.append(prompt_speed(default_child.base, child.key, 6000 + i))
         print(f"prompt tokens/s (~3k tokens): Patchbay's settings {statistics.median(ours):.0f}, "
@@ -303,7 +314,7 @@ def main():
 def prefill_close_latency(child: Child, target: Target, i: int) -> float:
     """A client that closes its connection 0.3 s into a ~3k-token prefill: seconds until the engine is idle."""
     import socket
-    body = json.dumps({"messages": prompt(i, 900), "max_tokens": 50, "stream": True}).encode()
+    body = json.dumps({"messages": prompt(i, PREFILL_ITEMS), "max_tokens": 50, "stream": True}).encode()
     sock = socket.create_connection(("127.0.0.1", target.port))
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {target.key}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -320,7 +331,7 @@ def prefill_close_latency(child: Child, target: Target, i: int) -> float:
 def prompt_speed(base: str, key: str, i: int) -> float:
     """Prompt tokens/s that llama-server itself reports for a ~3k-token prompt."""
     req = urllib.request.Request(base + "/v1/chat/completions",
-                                 data=json.dumps({"messages": prompt(i, 900), "max_tokens": 1}).encode(),
+                                 data=json.dumps({"messages": prompt(i, PREFILL_ITEMS), "max_tokens": 1}).encode(),
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(req, timeout=300) as resp:
         return json.loads(resp.read())["timings"]["prompt_per_second"]

@@ -102,8 +102,16 @@ public final class LoadedModel: Sendable {
         plugin.api.pointee.unload(handle)
     }
 
-    /// Counts tokens through the plugin's optional tokenize capability.
-    public func countTokens(_ request: NormalizedRequest) throws(APIError) -> Int {
+    /// Counts tokens through the plugin's optional tokenize capability, on a thread of its own
+    /// (a plugin may do I/O to count).
+    public func countTokens(_ request: NormalizedRequest) async throws(APIError) -> Int {
+        let result: Result<Int, APIError> = await onDedicatedThread(name: "patchbay-count-tokens") {
+            Result { () throws(APIError) in try self.countTokensBlocking(request) }
+        }
+        return try result.get()
+    }
+
+    private func countTokensBlocking(_ request: NormalizedRequest) throws(APIError) -> Int {
         guard let countTokens = plugin.api.pointee.count_tokens, capabilities.contains(.tokenize) else {
             throw .invalidRequest("The backend '\(plugin.name)' of model '\(id)' cannot count tokens.", code: "unsupported_capability")
         }

@@ -18,7 +18,7 @@ struct ChatCompletionsRoutes {
         try chat.validate()
         let model = try state.models.model(named: chat.model)
         var normalized = chat.normalized(maxTokens: state.defaultMaxTokens(for: model), maxWallMilliseconds: state.maxWallMilliseconds)
-        try check(normalized, against: model)
+        try state.check(normalized, against: model)
         if normalized.tools?.isEmpty == true { normalized.tools = nil }
 
         let id = "chatcmpl-\(randomHex(24))"
@@ -47,9 +47,17 @@ struct ChatCompletionsRoutes {
             try await writer.finish(nil)
         })
     }
+}
 
+let eventStreamHeaders: HTTPFields = [
+    .contentType: "text/event-stream",
+    .cacheControl: "no-cache",
+    HTTPField.Name("X-Accel-Buffering")!: "no",
+]
+
+extension ServerState {
     /// Refuses, before any engine work, what the model cannot do.
-    private func check(_ request: NormalizedRequest, against model: LoadedModel) throws(APIError) {
+    func check(_ request: NormalizedRequest, against model: LoadedModel) throws(APIError) {
         if !model.capabilities.contains(.chat) {
             throw .invalidRequest("Model '\(model.id)' (backend '\(model.plugin.name)') does not support chat.", param: "model", code: "unsupported_capability")
         }
@@ -61,9 +69,3 @@ struct ChatCompletionsRoutes {
         }
     }
 }
-
-let eventStreamHeaders: HTTPFields = [
-    .contentType: "text/event-stream",
-    .cacheControl: "no-cache",
-    HTTPField.Name("X-Accel-Buffering")!: "no",
-]

@@ -44,7 +44,7 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
 class Child:
     def __init__(self, pid: int):
         self.pid = pid
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
         self.args = args
         self.port = int(args[args.index("--port") + 1])
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -64,7 +64,13 @@ class Child:
     def busy(self) -> bool:
         return any(slot.get("is_processing") for slot in self.slots())
 
+    def decoding(self) -> int:
+        """Tokens decoded so far by the slots processing now (live, unlike /metrics)."""
+        return sum(token.get("n_decoded", 0) for slot in self.slots() if slot.get("is_processing")
+                   for token in slot.get("next_token", []))
+
     def tokens_predicted_total(self) -> int:
+        """llama-server's counter of decoded tokens; it grows when a request ends."""
         for line in self.get("/metrics").splitlines():
             if line.startswith("llamacpp:tokens_predicted_total"):
                 return int(float(line.split()[-1]))

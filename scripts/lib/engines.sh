@@ -27,11 +27,7 @@ ensure_build_packages() {
     local missing=()
     command -v cmake >/dev/null || missing+=(cmake)
     command -v c++ >/dev/null || missing+=(g++)
-    [[ -f /usr/include/x86_64-linux-gnu/curl/curl.h || -f /usr/include/curl/curl.h ]] || missing+=(libcurl4-openssl-dev)
-    if ((${#missing[@]})); then
-        echo "==> installing ${missing[*]}"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-    fi
+    apt_install "${missing[@]}"
 }
 
 # A short fingerprint of the CPU's instruction set: a native build must not be reused on

@@ -3,15 +3,22 @@
 PATCHBAY_CACHE="${PATCHBAY_CACHE:-$HOME/.cache/patchbay}"
 PATCHBAY_VENV="$PATCHBAY_CACHE/venv"
 
+# apt-get installs the Debian packages named, if any.
+apt_install() {
+    (($#)) || return 0
+    echo "==> installing $*"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
 ensure_system_packages() {
     local missing=()
     command -v cc >/dev/null || missing+=(gcc)
     command -v curl >/dev/null || missing+=(curl)
+    # The llama-server plugin talks to its children through libcurl.
+    [[ -f /usr/include/x86_64-linux-gnu/curl/curl.h || -f /usr/include/aarch64-linux-gnu/curl/curl.h || -f /usr/include/curl/curl.h ]] \
+        || missing+=(libcurl4-openssl-dev)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
-    if ((${#missing[@]})); then
-        echo "==> installing ${missing[*]}"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-    fi
+    apt_install "${missing[@]}"
 }
 
 ensure_python_env() {

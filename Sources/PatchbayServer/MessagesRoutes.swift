@@ -1,0 +1,59 @@
+import Foundation
+import Hummingbird
+import PatchbayCore
+import PatchbayHost
+
+/// `POST /v1/messages` and `POST /v1/messages/count_tokens` (Anthropic). Errors on these
+/// paths are written in Anthropic's envelope by the error middleware.
+struct MessagesRoutes {
+    let state: ServerState
+
+    func register(on router: Router<some RequestContext>) {
+        router.post("/v1/messages") { request, _ in try await messages(request) }
+        router.post("/v1/messages/count_tokens") { request, _ in try await countTokens(request) }
+    }
+
+    func messages(_ request: Request) async throws -> Response {
+        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
+        let messages = try RequestDecoding.decode(AnthropicMessagesRequest.self, from: body)
+        try messages.validate()
+        let model = try state.models.model(named: messages.model)
+        let normalized = try messages.normalized(maxWallMilliseconds: state.maxWallMilliseconds)
+        try state.check(normalized, against: model)
+
+        // Every run is cancellable by cancel_id, session_id and its message id, streaming or not.
+        let id = "msg_\(randomHex(24))"
+        let lease = try state.startRun(on: model, request: normalized, keys: [
+            messages.cancelID.map(CancelRegistry.Key.cancelID), messages.sessionID.map(CancelRegistry.Key.session), .message(id),
+        ].compactMap { $0 })
+
+        guard messages.isStreaming else {
+            var result = ChatCompletionAccumulator()
+            try await lease.pump { events in events.forEach { result.add($0) } }
+            if let error = result.error { throw error }
+            return JSONResponse.bytes(result.anthropicResponse(id: id, model: model.id))
+        }
+
+        let first = try await lease.firstEvents()
+        let encoder = AnthropicStreamEncoder(id: id, model: model.id)
+        return Response(status: .ok, headers: eventStreamHeaders, body: ResponseBody { [encoder] writer in
+            var encoder = encoder
+            try await lease.pump(startingWith: first) { events in
+                var out: [UInt8] = []
+                for event in events { encoder.encode(event, into: &out) }
+                if !out.isEmpty { try await writer.write(ByteBuffer(bytes: out)) }
+            }
+            try await writer.finish(nil)
+        })
+    }
+
+    func countTokens(_ request: Request) async throws -> Response {
+        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
+        let count = try RequestDecoding.decode(AnthropicCountTokensRequest.self, from: body)
+        let model = try state.models.model(named: count.model)
+        let normalized = try count.normalized()
+        try state.check(normalized, against: model)
+        let tokens = try await model.countTokens(normalized)
+        return JSONResponse.value(.object([("input_tokens", .int(Int64(tokens)))]))
+    }
+}
