@@ -4,7 +4,7 @@ import Foundation
 /// `message_start`, then per content block `content_block_start` / `content_block_delta`
 /// (`text_delta`, `thinking_delta`, `input_json_delta`) / `content_block_stop`, then
 /// `message_delta` (stop_reason, usage) and `message_stop`. Errors go in-band as `event: error`.
-public struct AnthropicStreamEncoder: Sendable {
+public struct AnthropicStreamEncoder: EventStreamEncoder {
     private enum Block: Equatable {
         case text, thinking, tool(Int)
     }

@@ -2,7 +2,7 @@
 ///
 /// Every content delta becomes one `chat.completion.chunk`; the constant part of
 /// each chunk is rendered once, so the per-token cost is one escape of the text.
-public struct ChatCompletionStreamEncoder: Sendable {
+public struct ChatCompletionStreamEncoder: EventStreamEncoder {
     private let prefix: [UInt8]
     private let includeUsage: Bool
     private var sentRole = false
@@ -66,17 +66,7 @@ public struct ChatCompletionStreamEncoder: Sendable {
             }
             SSE.done(into: &out)
         case .error(let error):
-            // In-band, as OpenAI-compatible servers do once the 200 has been sent.
-            var json = JSONWriter()
-            json.raw("{\"error\":{\"message\":")
-            json.string(error.message)
-            json.raw(",\"type\":")
-            json.string(error.openAIType)
-            json.raw(",\"code\":")
-            json.optionalString(error.code)
-            json.raw("}}")
-            SSE.data(json.bytes, into: &out)
-            SSE.done(into: &out)
+            SSE.openAIError(error, into: &out)
         }
     }
 
@@ -181,6 +171,20 @@ public enum SSE {
 
     public static func done(into out: inout [UInt8]) {
         out.append(contentsOf: "data: [DONE]\n\n".utf8)
+    }
+
+    /// An error in-band, as OpenAI-compatible servers send it once the 200 has gone out, then [DONE].
+    public static func openAIError(_ error: APIError, into out: inout [UInt8]) {
+        var json = JSONWriter()
+        json.raw("{\"error\":{\"message\":")
+        json.string(error.message)
+        json.raw(",\"type\":")
+        json.string(error.openAIType)
+        json.raw(",\"code\":")
+        json.optionalString(error.code)
+        json.raw("}}")
+        data(json.bytes, into: &out)
+        done(into: &out)
     }
 
     /// A comment line; clients ignore it, proxies see traffic.

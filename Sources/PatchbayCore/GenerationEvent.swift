@@ -73,3 +73,8 @@ public struct Timings: Sendable, Equatable {
         self.predictedPerSecond = predictedPerSecond
     }
 }
+
+/// Turns generation events into one dialect's streamed frames.
+public protocol EventStreamEncoder: Sendable {
+    mutating func encode(_ event: GenerationEvent, into out: inout [UInt8])
+}

@@ -86,3 +86,10 @@ public struct JSONWriter: Sendable {
         }
     }
 }
+
+/// A short random hex id, e.g. for `chatcmpl-…`.
+public func randomHex(_ count: Int) -> String {
+    var generator = SystemRandomNumberGenerator()
+    let digits = Array("0123456789abcdef")
+    return String((0..<count).map { _ in digits[Int(generator.next() % 16)] })
+}

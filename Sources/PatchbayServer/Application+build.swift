@@ -14,6 +14,8 @@ public func buildApplication(state: ServerState) -> some ApplicationProtocol {
     router.get("/health") { _, _ in JSONResponse.value(.object([("status", .string("ok"))])) }
     ChatCompletionsRoutes(state: state).register(on: router)
     MessagesRoutes(state: state).register(on: router)
+    CompletionsRoutes(state: state).register(on: router)
+    ResponsesRoutes(state: state).register(on: router)
     ModelsRoutes(state: state).register(on: router)
     InferenceRoutes(state: state).register(on: router)
     PluginsRoutes(state: state).register(on: router)

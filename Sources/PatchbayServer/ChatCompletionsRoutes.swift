@@ -37,15 +37,7 @@ struct ChatCompletionsRoutes {
         let first = try await lease.firstEvents()
         let encoder = ChatCompletionStreamEncoder(id: id, created: created, model: model.id,
                                                   includeUsage: chat.streamOptions?.includeUsage ?? false)
-        return Response(status: .ok, headers: eventStreamHeaders, body: ResponseBody { [encoder] writer in
-            var encoder = encoder
-            try await lease.pump(startingWith: first) { events in
-                var out: [UInt8] = []
-                for event in events { encoder.encode(event, into: &out) }
-                if !out.isEmpty { try await writer.write(ByteBuffer(bytes: out)) }
-            }
-            try await writer.finish(nil)
-        })
+        return lease.eventStream(startingWith: first, encoder: encoder)
     }
 }
 

@@ -93,7 +93,7 @@ struct InferenceRoutes {
         let json = (try? JSONDecoder().decode(JSONValue.self, from: body)) ?? .null
         func key(_ name: String) -> String? { json[name]?.stringValue.flatMap { $0.isEmpty ? nil : $0 } }
         let cancelled = state.cancels.cancel(CancelRegistry.Target(
-            cancelID: key("cancel_id"), sessionID: key("session_id"), completionID: key("completion_id"), messageID: key("message_id")))
+            cancelID: key("cancel_id"), sessionID: key("session_id"), completionID: key("completion_id") ?? key("response_id"), messageID: key("message_id")))
         return JSONResponse.value(.object([("cancelled", .int(Int64(cancelled)))]))
     }
 }

@@ -29,9 +29,3 @@ enum JSONResponse {
     }
 }
 
-/// A short random hex id, e.g. for `chatcmpl-…`.
-func randomHex(_ count: Int) -> String {
-    var generator = SystemRandomNumberGenerator()
-    let digits = Array("0123456789abcdef")
-    return String((0..<count).map { _ in digits[Int(generator.next() % 16)] })
-}

@@ -1,3 +1,4 @@
+import Hummingbird
 import PatchbayCore
 import PatchbayHost
 
@@ -74,6 +75,22 @@ final class RunLease: Sendable {
             end()
             throw error
         }
+    }
+}
+
+extension RunLease {
+    /// The streaming response: the run's events through `encoder`, starting with `first`.
+    /// A write that fails (the client went away) cancels the run.
+    func eventStream(startingWith first: [GenerationEvent], encoder: some EventStreamEncoder) -> Response {
+        Response(status: .ok, headers: eventStreamHeaders, body: ResponseBody { [self, encoder] writer in
+            var encoder = encoder
+            try await pump(startingWith: first) { events in
+                var out: [UInt8] = []
+                for event in events { encoder.encode(event, into: &out) }
+                if !out.isEmpty { try await writer.write(ByteBuffer(bytes: out)) }
+            }
+            try await writer.finish(nil)
+        })
     }
 }
 

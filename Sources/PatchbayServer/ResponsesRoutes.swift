@@ -1,0 +1,39 @@
+import Foundation
+import Hummingbird
+import PatchbayCore
+import PatchbayHost
+
+/// `POST /v1/responses` (OpenAI Responses). Nothing is stored: each request carries its
+/// whole conversation in `input`.
+struct ResponsesRoutes {
+    let state: ServerState
+
+    func register(on router: Router<some RequestContext>) {
+        router.post("/v1/responses") { request, _ in try await handle(request) }
+    }
+
+    func handle(_ request: Request) async throws -> Response {
+        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
+        let responses = try RequestDecoding.decode(ResponsesRequest.self, from: body)
+        try responses.validate()
+        let model = try state.models.model(named: responses.model)
+        let normalized = try responses.normalized(maxTokens: state.defaultMaxTokens(for: model),
+                                                  maxWallMilliseconds: state.maxWallMilliseconds)
+        try state.check(normalized, against: model)
+
+        let id = "resp_\(randomHex(24))"
+        let lease = try state.startRun(on: model, request: normalized, keys: [
+            responses.cancelID.map(CancelRegistry.Key.cancelID), responses.sessionID.map(CancelRegistry.Key.session), .completion(id),
+        ].compactMap { $0 })
+        let response = ResponseState(id: id, model: model.id, createdAt: Int(Date().timeIntervalSince1970))
+
+        guard responses.isStreaming else {
+            var result = response
+            try await lease.pump { events in events.forEach { result.add($0) } }
+            if let error = result.error { throw error }
+            return JSONResponse.bytes(result.json)
+        }
+        let first = try await lease.firstEvents()
+        return lease.eventStream(startingWith: first, encoder: ResponsesStreamEncoder(state: response))
+    }
+}
