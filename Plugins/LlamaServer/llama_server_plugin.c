@@ -12,7 +12,8 @@
  * Load request fields read here (all optional but model_path):
  *   model_path, max_seq_length (0 = the model's), chat_template_override,
  *   cache_type_kv, mmproj_path (default: an mmproj*.gguf beside the model),
- *   n_parallel (4), n_batch (128), n_ubatch (128), n_threads, llama_extra_args
+ *   n_parallel (4), n_batch (128), n_ubatch (128), n_threads, embedding (false:
+ *   true serves /v1/embeddings only, with pooling "mean" unless `pooling` says), llama_extra_args
  *   ([string], checked against the flags this plugin owns),
  *   llama_server_path (default: $PATCHBAY_LLAMA_SERVER, then the cached build,
  *   then `llama-server` on PATH), load_timeout_s (600).
@@ -90,6 +91,7 @@ typedef struct launch_config {
     char *mmproj_path;      /* NULL: text only */
     char *template_path;    /* NULL: the model's own chat template */
     char *cache_type_kv;    /* NULL: llama-server's default (f16) */
+    char *pooling;          /* non-NULL: an embedding server with this pooling */
     int64_t context_size;   /* 0: the model's */
     int parallel, batch, ubatch, threads;
     char **extra_args;
@@ -103,6 +105,7 @@ static void config_free(launch_config *c) {
     free(c->mmproj_path);
     free(c->template_path);
     free(c->cache_type_kv);
+    free(c->pooling);
     for (size_t i = 0; i < c->extra_count; i++) free(c->extra_args[i]);
     free(c->extra_args);
 }
@@ -219,6 +222,10 @@ static pb_status parse_load_request(const json_value *request, const char *work_
         return PB_ERR_INVALID_REQUEST;
     }
     config->cache_type_kv = dup_string(json_get_string(request, "cache_type_kv"));
+    if (json_get_bool(request, "embedding", 0)) {
+        const char *pooling = json_get_string(request, "pooling");
+        config->pooling = strdup(pooling ? pooling : "mean");
+    }
 
     const char *server = json_get_string(request, "llama_server_path");
     config->server_path = server ? strdup(server) : find_llama_server();
@@ -320,6 +327,7 @@ static char **build_argv(const launch_config *c, int port) {
     }
     if (c->template_path) { ARG("--chat-template-file"); ARG(c->template_path); }
     if (c->mmproj_path) { ARG("--mmproj"); ARG(c->mmproj_path); }
+    if (c->pooling) { ARG("--embedding"); ARG("--pooling"); ARG(c->pooling); }
     ARG("--metrics");
     ARG("--slots");
     ARG("--no-webui");
@@ -426,13 +434,17 @@ static void read_props(pb_model *model) {
     url_for(model, "/props", url, sizeof url);
     json_buffer reply;
     jb_init(&reply);
-    model->capabilities = PB_CAP_CHAT | PB_CAP_COMPLETION | PB_CAP_TOKENIZE | PB_CAP_REASONING;
+    /* An embedding server does nothing else. */
+    model->capabilities = model->config.pooling ? PB_CAP_EMBEDDINGS | PB_CAP_TOKENIZE
+                                                : PB_CAP_CHAT | PB_CAP_COMPLETION | PB_CAP_TOKENIZE | PB_CAP_REASONING;
     if (upstream_request(url, model->api_key, NULL, 10000, &reply, error, sizeof error) == 200) {
         json_value *props = json_parse(reply.data);
         const json_value *settings = json_get(props, "default_generation_settings");
         model->context_length = (int64_t)json_get_number(settings, "n_ctx", json_get_number(props, "n_ctx", 0));
-        if (json_get_bool(json_get(props, "chat_template_caps"), "supports_tools", 0)) model->capabilities |= PB_CAP_TOOLS;
-        if (json_get_bool(json_get(props, "modalities"), "vision", 0)) model->capabilities |= PB_CAP_VISION_INPUT;
+        if (!model->config.pooling) {
+            if (json_get_bool(json_get(props, "chat_template_caps"), "supports_tools", 0)) model->capabilities |= PB_CAP_TOOLS;
+            if (json_get_bool(json_get(props, "modalities"), "vision", 0)) model->capabilities |= PB_CAP_VISION_INPUT;
+        }
         json_free(props);
     } else {
         log_line(PB_LOG_WARNING, "could not read /props from llama-server: %s", error);
@@ -918,6 +930,39 @@ static pb_status llama_count_tokens(pb_model *model, const char *request_json, i
     return status;
 }
 
+/* ─── Embeddings (a model loaded with "embedding": true) ────────────────── */
+
+static pb_status llama_embed(pb_model *model, const char *text, size_t text_len, float *out, size_t out_capacity,
+                             size_t *out_dimensions, char *error, size_t error_size) {
+    char *input = strndup(text, text_len);
+    json_buffer b;
+    jb_init(&b);
+    jb_append_str(&b, "{\"input\":");
+    jb_append_json_string(&b, input);
+    jb_append_str(&b, "}");
+    free(input);
+    json_value *reply = NULL;
+    pb_status status = post_json(model, "/v1/embeddings", b.data, &reply, error, error_size);
+    jb_free(&b);
+    if (status != PB_OK) return status;
+    const json_value *data = json_get(reply, "data");
+    const json_value *vector = data && data->kind == JSON_ARRAY && data->count > 0 ? json_get(&data->items[0], "embedding") : NULL;
+    if (!vector || vector->kind != JSON_ARRAY) {
+        set_error(error, error_size, "llama-server sent no embedding.");
+        json_free(reply);
+        return PB_ERR_INTERNAL;
+    }
+    *out_dimensions = vector->count;
+    if (vector->count > out_capacity) {
+        set_error(error, error_size, "need room for %zu floats", vector->count);
+        json_free(reply);
+        return PB_ERR_INVALID_REQUEST;
+    }
+    for (size_t i = 0; i < vector->count; i++) out[i] = (float)vector->items[i].number;
+    json_free(reply);
+    return PB_OK;
+}
+
 /* ─── The table ────────────────────────────────────────────────────────── */
 
 static const pb_plugin_api llama_server_api = {
@@ -929,7 +974,7 @@ static const pb_plugin_api llama_server_api = {
     .description = "llama.cpp's llama-server, one child process per model, over HTTP",
     .model_formats = "gguf",
     .capabilities = PB_CAP_CHAT | PB_CAP_COMPLETION | PB_CAP_VISION_INPUT | PB_CAP_TOKENIZE | PB_CAP_TOOLS |
-                    PB_CAP_REASONING,
+                    PB_CAP_REASONING | PB_CAP_EMBEDDINGS,
     .load = llama_load,
     .model_info = llama_model_info,
     .unload = llama_unload,
@@ -938,7 +983,7 @@ static const pb_plugin_api llama_server_api = {
     .run_cancel = llama_run_cancel,
     .run_destroy = llama_run_destroy,
     .count_tokens = llama_count_tokens,
-    .embed = NULL,
+    .embed = llama_embed,
 };
 
 PB_EXPORT const pb_plugin_api *pb_plugin_entry(const pb_host_api *host) {

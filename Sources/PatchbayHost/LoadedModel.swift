@@ -102,32 +102,69 @@ public final class LoadedModel: Sendable {
         plugin.api.pointee.unload(handle)
     }
 
-    /// Counts tokens through the plugin's optional tokenize capability, on a thread of its own
-    /// (a plugin may do I/O to count).
+    /// Counts tokens through the plugin's optional tokenize capability.
     public func countTokens(_ request: NormalizedRequest) async throws(APIError) -> Int {
-        let result: Result<Int, APIError> = await onDedicatedThread(name: "patchbay-count-tokens") {
-            Result { () throws(APIError) in try self.countTokensBlocking(request) }
-        }
-        return try result.get()
-    }
-
-    private func countTokensBlocking(_ request: NormalizedRequest) throws(APIError) -> Int {
         guard let countTokens = plugin.api.pointee.count_tokens, capabilities.contains(.tokenize) else {
             throw .invalidRequest("The backend '\(plugin.name)' of model '\(id)' cannot count tokens.", code: "unsupported_capability")
         }
-        var count: Int64 = 0
-        var error = [CChar](repeating: 0, count: 1024)
-        let status = countTokens(handle, request.json.jsonString, &count, &error, error.count)
-        guard status == Int32(PB_OK) else {
-            throw APIError(pluginStatus: status, message: cMessage(error) ?? "token counting failed")
+        let json = request.json.jsonString
+        return try await pluginCall(name: "patchbay-count-tokens") { handle throws(APIError) in
+            var count: Int64 = 0
+            var error = [CChar](repeating: 0, count: 1024)
+            let status = countTokens(handle, json, &count, &error, error.count)
+            guard status == Int32(PB_OK) else {
+                throw APIError(pluginStatus: status, message: cMessage(error) ?? "token counting failed")
+            }
+            return Int(count)
         }
-        return Int(count)
+    }
+
+    /// Embeds one text through the plugin's optional embeddings capability.
+    public func embed(_ text: String) async throws(APIError) -> [Float] {
+        guard let embed = plugin.api.pointee.embed, capabilities.contains(.embeddings) else {
+            throw .invalidRequest("Model '\(id)' (backend '\(plugin.name)') does not support embeddings.",
+                                  param: "model", code: "unsupported_capability")
+        }
+        return try await pluginCall(name: "patchbay-embed") { handle throws(APIError) in
+            var vector = [Float](repeating: 0, count: 1024)
+            var error = [CChar](repeating: 0, count: 1024)
+            var dimensions = 0
+            var status = Int32(PB_OK)
+            // The plugin says how many dimensions it needs; ask again with room for them.
+            for _ in 0..<2 {
+                let utf8 = Array(text.utf8)
+                status = embed(handle, utf8.map { CChar(bitPattern: $0) }, utf8.count, &vector, vector.count, &dimensions, &error, error.count)
+                if status == Int32(PB_OK) || dimensions <= vector.count { break }
+                vector = [Float](repeating: 0, count: dimensions)
+            }
+            guard status == Int32(PB_OK) else {
+                throw APIError(pluginStatus: status, message: cMessage(error) ?? "embedding failed")
+            }
+            return Array(vector.prefix(dimensions))
+        }
+    }
+
+    /// A blocking plugin call on a thread of its own (a plugin may do I/O), tracked like a
+    /// run so that an unload waits for it instead of freeing the model under it.
+    private func pluginCall<T: Sendable>(name: String, _ body: @escaping @Sendable (OpaquePointer) throws(APIError) -> T) async throws(APIError) -> T {
+        let callID = try runState.withLock { state throws(APIError) -> UInt64 in
+            guard state.accepting else { throw .notFound("Model '\(id)' is being unloaded.", code: "model_not_found") }
+            state.nextRunID += 1
+            state.runs[state.nextRunID] = WeakRun(nil)
+            return state.nextRunID
+        }
+        defer { runEnded(callID) }
+        let result: Result<T, APIError> = await onDedicatedThread(name: name) { [self] in
+            Result { () throws(APIError) in try body(self.handle) }
+        }
+        return try result.get()
     }
 }
 
+/// A live run, or (nil) a plugin call in progress; either keeps the model from being released.
 private struct WeakRun {
     weak var run: Run?
-    init(_ run: Run) { self.run = run }
+    init(_ run: Run?) { self.run = run }
 }
 
 /// The NUL-terminated message a plugin wrote into an error buffer; nil when it wrote none.

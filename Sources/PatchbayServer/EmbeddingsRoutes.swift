@@ -1,0 +1,30 @@
+import Hummingbird
+import PatchbayCore
+import PatchbayHost
+
+/// `POST /v1/embeddings`, through a plugin's embeddings capability.
+struct EmbeddingsRoutes {
+    let state: ServerState
+
+    func register(on router: Router<some RequestContext>) {
+        router.post("/v1/embeddings") { request, _ in try await handle(request) }
+    }
+
+    func handle(_ request: Request) async throws -> Response {
+        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
+        let embeddings = try RequestDecoding.decode(EmbeddingsRequest.self, from: body)
+        try embeddings.validate()
+        let model = try state.models.model(named: embeddings.model)
+        var vectors: [[Float]] = []
+        var promptTokens = 0
+        for text in embeddings.input {
+            vectors.append(try await model.embed(text))
+            if model.capabilities.contains(.tokenize) {
+                var prompt = NormalizedRequest(kind: .completion, maxTokens: 1, maxWallMilliseconds: 0)
+                prompt.prompt = text
+                promptTokens += (try? await model.countTokens(prompt)) ?? 0
+            }
+        }
+        return JSONResponse.bytes(embeddings.response(vectors: vectors, model: model.id, promptTokens: promptTokens))
+    }
+}
