@@ -371,12 +371,12 @@ static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks
     char *extra_env[] = {key_env, NULL};
     char spawn_error[256];
     pid_t pid = child_spawn(argv, extra_env, model->log_path, spawn_error, sizeof spawn_error);
-    log_line(PB_LOG_INFO, "started llama-server pid %d on 127.0.0.1:%d for %s", (int)pid, port, model->config.model_path);
     free_argv(argv);
     if (pid < 0) {
         set_error(error, error_size, "Could not start llama-server: %s", spawn_error);
         return PB_ERR_LOAD_FAILED;
     }
+    log_line(PB_LOG_INFO, "started llama-server pid %d on 127.0.0.1:%d for %s", (int)pid, port, model->config.model_path);
     model->pid = pid;
     snprintf(model->base_url, sizeof model->base_url, "http://127.0.0.1:%d", port);
 
