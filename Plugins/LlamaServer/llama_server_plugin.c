@@ -29,6 +29,7 @@
 #include "child_process.h"
 #include "json_buffer.h"
 #include "json_reader.h"
+#include "plugin_util.h"
 #include "upstream.h"
 
 #include <dirent.h>
@@ -52,36 +53,7 @@
 
 static const pb_host_api *g_host;
 
-static void log_line(pb_log_level level, const char *fmt, ...) {
-    if (!g_host || !g_host->log) return;
-    char line[1024];
-    va_list args;
-    va_start(args, fmt);
-    vsnprintf(line, sizeof line, fmt, args);
-    va_end(args);
-    g_host->log(g_host->context, level, line);
-}
-
-static void set_error(char *error, size_t size, const char *fmt, ...) {
-    if (!error || size == 0) return;
-    va_list args;
-    va_start(args, fmt);
-    vsnprintf(error, size, fmt, args);
-    va_end(args);
-}
-
 static char *dup_string(const char *s) { return s ? strdup(s) : NULL; }
-
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
-}
-
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
 
 /* ─── Launch configuration ─────────────────────────────────────────────── */
 
@@ -203,7 +175,7 @@ static pb_status parse_load_request(const json_value *request, const char *work_
     const char *model_path = json_get_string(request, "model_path");
     struct stat st;
     if (!model_path || stat(model_path, &st) != 0 || !S_ISREG(st.st_mode)) {
-        set_error(error, error_size, "Model file not found: %s", model_path ? model_path : "(none)");
+        plugin_set_error(error, error_size, "Model file not found: %s", model_path ? model_path : "(none)");
         return PB_ERR_NOT_FOUND;
     }
     config->model_path = strdup(model_path);
@@ -214,11 +186,11 @@ static pb_status parse_load_request(const json_value *request, const char *work_
     config->threads = (int)json_get_number(request, "n_threads", 0);
     config->load_timeout_s = (int)json_get_number(request, "load_timeout_s", DEFAULT_LOAD_TIMEOUT_S);
     if (config->parallel < 1 || config->parallel > 64) {
-        set_error(error, error_size, "'n_parallel' must be between 1 and 64.");
+        plugin_set_error(error, error_size, "'n_parallel' must be between 1 and 64.");
         return PB_ERR_INVALID_REQUEST;
     }
     if (config->batch < 1 || config->ubatch < 1 || config->ubatch > config->batch) {
-        set_error(error, error_size, "'n_batch' and 'n_ubatch' must be positive, with n_ubatch <= n_batch.");
+        plugin_set_error(error, error_size, "'n_batch' and 'n_ubatch' must be positive, with n_ubatch <= n_batch.");
         return PB_ERR_INVALID_REQUEST;
     }
     config->cache_type_kv = dup_string(json_get_string(request, "cache_type_kv"));
@@ -230,7 +202,7 @@ static pb_status parse_load_request(const json_value *request, const char *work_
     const char *server = json_get_string(request, "llama_server_path");
     config->server_path = server ? strdup(server) : find_llama_server();
     if (!is_executable(config->server_path)) {
-        set_error(error, error_size,
+        plugin_set_error(error, error_size,
                   "llama-server not found%s%s. Build it with scripts/run (it caches llama.cpp under ~/.cache/patchbay), "
                   "or set PATCHBAY_LLAMA_SERVER or 'llama_server_path'.",
                   config->server_path ? " at " : "", config->server_path ? config->server_path : "");
@@ -239,7 +211,7 @@ static pb_status parse_load_request(const json_value *request, const char *work_
 
     const char *mmproj = json_get_string(request, "mmproj_path");
     if (mmproj && access(mmproj, R_OK) != 0) {
-        set_error(error, error_size, "Vision projector not found: %s", mmproj);
+        plugin_set_error(error, error_size, "Vision projector not found: %s", mmproj);
         return PB_ERR_NOT_FOUND;
     }
     config->mmproj_path = mmproj ? strdup(mmproj) : find_mmproj(model_path);
@@ -248,7 +220,7 @@ static pb_status parse_load_request(const json_value *request, const char *work_
     if (template_text && *template_text) {
         if (asprintf(&config->template_path, "%s/chat-template.jinja", work_dir) < 0 ||
             !write_file(config->template_path, template_text)) {
-            set_error(error, error_size, "Could not write the chat template override to %s.", work_dir);
+            plugin_set_error(error, error_size, "Could not write the chat template override to %s.", work_dir);
             return PB_ERR_INTERNAL;
         }
     }
@@ -256,18 +228,18 @@ static pb_status parse_load_request(const json_value *request, const char *work_
     const json_value *extra = json_get(request, "llama_extra_args");
     if (extra && extra->kind != JSON_NULL) {
         if (extra->kind != JSON_ARRAY) {
-            set_error(error, error_size, "'llama_extra_args' must be an array of strings.");
+            plugin_set_error(error, error_size, "'llama_extra_args' must be an array of strings.");
             return PB_ERR_INVALID_REQUEST;
         }
         config->extra_args = calloc(extra->count + 1, sizeof(char *));
         for (size_t i = 0; i < extra->count; i++) {
             const json_value *arg = &extra->items[i];
             if (arg->kind != JSON_STRING) {
-                set_error(error, error_size, "'llama_extra_args' must be an array of strings.");
+                plugin_set_error(error, error_size, "'llama_extra_args' must be an array of strings.");
                 return PB_ERR_INVALID_REQUEST;
             }
             if (is_owned_flag(arg->string)) {
-                set_error(error, error_size, "'llama_extra_args' may not set %s: Patchbay manages it.", arg->string);
+                plugin_set_error(error, error_size, "'llama_extra_args' may not set %s: Patchbay manages it.", arg->string);
                 return PB_ERR_INVALID_REQUEST;
             }
             config->extra_args[config->extra_count++] = strdup(arg->string);
@@ -349,7 +321,7 @@ static void url_for(const pb_model *model, const char *path, char *out, size_t s
 /* Fills `error` with what went wrong and the tail of the child's log. */
 static void describe_child_failure(const pb_model *model, const char *what, char *error, size_t error_size) {
     char *tail = file_tail(model->log_path, 1500);
-    set_error(error, error_size, "%s. llama-server's log (%s) ends with:\n%s", what, model->log_path, tail);
+    plugin_set_error(error, error_size, "%s. llama-server's log (%s) ends with:\n%s", what, model->log_path, tail);
     free(tail);
 }
 
@@ -362,7 +334,7 @@ typedef int (*progress_fn)(void *context, const char *phase, uint64_t loaded, ui
 static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks, char *error, size_t error_size) {
     int port = free_loopback_port();
     if (port < 0) {
-        set_error(error, error_size, "No free port on 127.0.0.1.");
+        plugin_set_error(error, error_size, "No free port on 127.0.0.1.");
         return PB_ERR_LOAD_FAILED;
     }
     char **argv = build_argv(&model->config, port);
@@ -373,10 +345,10 @@ static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks
     pid_t pid = child_spawn(argv, extra_env, model->log_path, spawn_error, sizeof spawn_error);
     free_argv(argv);
     if (pid < 0) {
-        set_error(error, error_size, "Could not start llama-server: %s", spawn_error);
+        plugin_set_error(error, error_size, "Could not start llama-server: %s", spawn_error);
         return PB_ERR_LOAD_FAILED;
     }
-    log_line(PB_LOG_INFO, "started llama-server pid %d on 127.0.0.1:%d for %s", (int)pid, port, model->config.model_path);
+    plugin_log(g_host, PB_LOG_INFO, "started llama-server pid %d on 127.0.0.1:%d for %s", (int)pid, port, model->config.model_path);
     model->pid = pid;
     snprintf(model->base_url, sizeof model->base_url, "http://127.0.0.1:%d", port);
 
@@ -384,7 +356,7 @@ static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks
     url_for(model, "/health", url, sizeof url);
     json_buffer reply;
     jb_init(&reply);
-    double deadline = now_ms() + model->config.load_timeout_s * 1000.0;
+    double deadline = plugin_now_ms() + model->config.load_timeout_s * 1000.0;
     uint64_t high_water = 0;
     pb_status status = PB_ERR_LOAD_FAILED;
     for (;;) {
@@ -408,17 +380,17 @@ static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks
         uint64_t loaded = high_water < model->model_bytes ? high_water : model->model_bytes - model->model_bytes / 100;
         if (callbacks && callbacks->progress &&
             callbacks->progress(callbacks->context, "mmap", loaded, model->model_bytes) != 0) {
-            set_error(error, error_size, "The load was cancelled.");
+            plugin_set_error(error, error_size, "The load was cancelled.");
             status = PB_ERR_CANCELLED;
             break;
         }
-        if (now_ms() > deadline) {
+        if (plugin_now_ms() > deadline) {
             char what[96];
             snprintf(what, sizeof what, "llama-server did not become ready within %d s", model->config.load_timeout_s);
             describe_child_failure(model, what, error, error_size);
             break;
         }
-        sleep_ms(50);
+        plugin_sleep_ms(50);
     }
     jb_free(&reply);
     if (status != PB_OK && model->pid > 0) {
@@ -447,7 +419,7 @@ static void read_props(pb_model *model) {
         }
         json_free(props);
     } else {
-        log_line(PB_LOG_WARNING, "could not read /props from llama-server: %s", error);
+        plugin_log(g_host, PB_LOG_WARNING, "could not read /props from llama-server: %s", error);
     }
     jb_free(&reply);
 }
@@ -466,7 +438,7 @@ static pb_status llama_load(const char *request_json, const pb_load_callbacks *c
                             char *error, size_t error_size) {
     json_value *request = json_parse(request_json);
     if (!request) {
-        set_error(error, error_size, "The load request is not valid JSON.");
+        plugin_set_error(error, error_size, "The load request is not valid JSON.");
         return PB_ERR_INVALID_REQUEST;
     }
     pb_model *model = calloc(1, sizeof *model);
@@ -474,7 +446,7 @@ static pb_status llama_load(const char *request_json, const pb_load_callbacks *c
     const char *tmp = getenv("TMPDIR");
     snprintf(model->work_dir, sizeof model->work_dir, "%s/patchbay-llama-XXXXXX", tmp && *tmp ? tmp : "/tmp");
     if (!mkdtemp(model->work_dir)) {
-        set_error(error, error_size, "Could not create a work directory: %s", strerror(errno));
+        plugin_set_error(error, error_size, "Could not create a work directory: %s", strerror(errno));
         json_free(request);
         config_free(&model->config);
         free(model);
@@ -507,7 +479,7 @@ static void llama_model_info(pb_model *model, pb_model_info *info) {
 }
 
 static void llama_unload(pb_model *model) {
-    log_line(PB_LOG_INFO, "stopping llama-server pid %d", (int)model->pid);
+    plugin_log(g_host, PB_LOG_INFO, "stopping llama-server pid %d", (int)model->pid);
     model_free(model);
 }
 
@@ -523,7 +495,7 @@ static pb_status ensure_child(pb_model *model, char *base_url, size_t base_url_s
         if (model->pid > 0) {
             char how[96];
             child_describe_exit(wait_status, how, sizeof how);
-            log_line(PB_LOG_WARNING, "llama-server pid %d exited (%s); restarting it", (int)model->pid, how);
+            plugin_log(g_host, PB_LOG_WARNING, "llama-server pid %d exited (%s); restarting it", (int)model->pid, how);
         }
         model->pid = 0;
         status = start_child(model, NULL, error, error_size);
@@ -541,11 +513,11 @@ static void describe_lost_connection(pb_model *model, const char *transfer_error
     if (model->pid > 0 && child_exited(model->pid, &wait_status)) {
         char how[96];
         child_describe_exit(wait_status, how, sizeof how);
-        set_error(out, size, "Lost connection to the model server: llama-server exited (%s). It is restarted on the next request.", how);
-        log_line(PB_LOG_WARNING, "llama-server pid %d exited mid-request (%s)", (int)model->pid, how);
+        plugin_set_error(out, size, "Lost connection to the model server: llama-server exited (%s). It is restarted on the next request.", how);
+        plugin_log(g_host, PB_LOG_WARNING, "llama-server pid %d exited mid-request (%s)", (int)model->pid, how);
         model->pid = 0;
     } else {
-        set_error(out, size, "Lost connection to the model server (%s).", transfer_error);
+        plugin_set_error(out, size, "Lost connection to the model server (%s).", transfer_error);
     }
     pthread_mutex_unlock(&model->lock);
 }
@@ -619,7 +591,7 @@ static pb_status map_upstream_error(long http_status, const char *body, char *me
     const char *text = json_get_string(error, "message");
     const char *type = json_get_string(error, "type");
     if (!text) text = json_get_string(parsed, "message");
-    set_error(message, size, "%s", text ? text : (body && *body ? body : "llama-server returned an error"));
+    plugin_set_error(message, size, "%s", text ? text : (body && *body ? body : "llama-server returned an error"));
     pb_status status;
     if ((type && strcmp(type, "exceed_context_size_error") == 0) || (text && strstr(text, "exceeds the available context size")))
         status = PB_ERR_CONTEXT_LENGTH_EXCEEDED;
@@ -769,15 +741,24 @@ static int on_stream_data(void *context, long http_status, const char *bytes, si
     return 0;
 }
 
-static pb_status llama_run_create(pb_model *model, const char *request_json, pb_run **out_run, char *error,
-                                  size_t error_size) {
+/* A normalized request (see patchbay.h), and whether it is a raw completion; NULL if malformed. */
+static json_value *parse_generation_request(const char *request_json, int *is_completion, char *error,
+                                            size_t error_size) {
     json_value *request = json_parse(request_json);
     if (!request) {
-        set_error(error, error_size, "The request is not valid JSON.");
-        return PB_ERR_INVALID_REQUEST;
+        plugin_set_error(error, error_size, "The request is not valid JSON.");
+        return NULL;
     }
     const char *kind = json_get_string(request, "kind");
-    int is_completion = kind && strcmp(kind, "completion") == 0;
+    *is_completion = kind && strcmp(kind, "completion") == 0;
+    return request;
+}
+
+static pb_status llama_run_create(pb_model *model, const char *request_json, pb_run **out_run, char *error,
+                                  size_t error_size) {
+    int is_completion;
+    json_value *request = parse_generation_request(request_json, &is_completion, error, error_size);
+    if (!request) return PB_ERR_INVALID_REQUEST;
     pb_run *run = calloc(1, sizeof *run);
     run->model = model;
     run->is_completion = is_completion;
@@ -785,7 +766,7 @@ static pb_status llama_run_create(pb_model *model, const char *request_json, pb_
     run->stream = upstream_stream_create();
     json_free(request);
     if (!run->body || !run->stream) {
-        set_error(error, error_size, "Out of memory.");
+        plugin_set_error(error, error_size, "Out of memory.");
         upstream_stream_destroy(run->stream);
         free(run->body);
         free(run);
@@ -812,7 +793,7 @@ static void llama_run_execute(pb_run *run, const pb_event_sink *sink) {
     }
     char url[128];
     snprintf(url, sizeof url, "%s%s", base_url, run->is_completion ? "/v1/completions" : "/v1/chat/completions");
-    log_line(PB_LOG_DEBUG, "POST %s %s", url, run->body);
+    plugin_log(g_host, PB_LOG_DEBUG, "POST %s %s", url, run->body);
     long http_status = 0;
     char transfer_error[256] = "";
     upstream_result result = upstream_stream_run(run->stream, url, run->model->api_key, run->body, on_stream_data, run,
@@ -870,7 +851,7 @@ static pb_status post_json(pb_model *model, const char *path, const char *body, 
     } else if (http_status != 200) {
         status = map_upstream_error(http_status, reply.data, error, error_size);
     } else if (!(*out = json_parse(reply.data))) {
-        set_error(error, error_size, "llama-server sent an unreadable reply to %s.", path);
+        plugin_set_error(error, error_size, "llama-server sent an unreadable reply to %s.", path);
         status = PB_ERR_INTERNAL;
     }
     jb_free(&reply);
@@ -879,13 +860,9 @@ static pb_status post_json(pb_model *model, const char *path, const char *body, 
 
 static pb_status llama_count_tokens(pb_model *model, const char *request_json, int64_t *out_count, char *error,
                                     size_t error_size) {
-    json_value *request = json_parse(request_json);
-    if (!request) {
-        set_error(error, error_size, "The request is not valid JSON.");
-        return PB_ERR_INVALID_REQUEST;
-    }
-    const char *kind = json_get_string(request, "kind");
-    int is_completion = kind && strcmp(kind, "completion") == 0;
+    int is_completion;
+    json_value *request = parse_generation_request(request_json, &is_completion, error, error_size);
+    if (!request) return PB_ERR_INVALID_REQUEST;
     json_buffer b;
     jb_init(&b);
     pb_status status = PB_OK;
@@ -948,13 +925,13 @@ static pb_status llama_embed(pb_model *model, const char *text, size_t text_len,
     const json_value *data = json_get(reply, "data");
     const json_value *vector = data && data->kind == JSON_ARRAY && data->count > 0 ? json_get(&data->items[0], "embedding") : NULL;
     if (!vector || vector->kind != JSON_ARRAY) {
-        set_error(error, error_size, "llama-server sent no embedding.");
+        plugin_set_error(error, error_size, "llama-server sent no embedding.");
         json_free(reply);
         return PB_ERR_INTERNAL;
     }
     *out_dimensions = vector->count;
     if (vector->count > out_capacity) {
-        set_error(error, error_size, "need room for %zu floats", vector->count);
+        plugin_set_error(error, error_size, "need room for %zu floats", vector->count);
         json_free(reply);
         return PB_ERR_INVALID_REQUEST;
     }
@@ -990,7 +967,7 @@ PB_EXPORT const pb_plugin_api *pb_plugin_entry(const pb_host_api *host) {
     if (!host || host->abi_major != PB_ABI_VERSION_MAJOR) return NULL;
     g_host = host;
     if (!upstream_global_init()) {
-        log_line(PB_LOG_ERROR, "libcurl could not be initialised");
+        plugin_log(g_host, PB_LOG_ERROR, "libcurl could not be initialised");
         return NULL;
     }
     return &llama_server_api;

@@ -53,15 +53,15 @@ public struct AnthropicMessagesRequest: Decodable, Sendable {
         if messages.isEmpty {
             throw .invalidRequest("messages: at least one message is required", param: "messages", code: "invalid_value")
         }
-        try checkRange(temperature, 0...2, "temperature")
-        try checkRange(topP, 0...1, "top_p")
-        try checkRange(topK, -1...100, "top_k")
-        try checkRange(minP, 0...1, "min_p")
-        try checkRange(repetitionPenalty, 1...2, "repetition_penalty")
-        try checkRange(presencePenalty, -2...2, "presence_penalty")
+        try sampling.validate()
         for tool in tools ?? [] where tool.name.isEmpty {
             throw .invalidRequest("tools: every tool needs a name", param: "tools", code: "invalid_value")
         }
+    }
+
+    var sampling: Sampling {
+        Sampling(temperature: temperature, topP: topP, topK: topK, minP: minP,
+                 repetitionPenalty: repetitionPenalty, presencePenalty: presencePenalty)
     }
 
     /// Whether thinking was asked for: `enable_thinking` > `reasoning_effort` > `thinking`.
@@ -74,18 +74,9 @@ public struct AnthropicMessagesRequest: Decodable, Sendable {
 
     public func normalized(maxWallMilliseconds: Int) throws(APIError) -> NormalizedRequest {
         var request = NormalizedRequest(kind: .chat, maxTokens: maxTokens, maxWallMilliseconds: maxWallMilliseconds)
-        var messages: [JSONValue] = []
-        if let systemText = try Self.systemText(system) {
-            messages.append(.object([("role", .string("system")), ("content", .string(systemText))]))
-        }
-        for (index, message) in self.messages.enumerated() {
-            messages += try message.openAIMessages(at: index)
-        }
-        request.messages = messages
-        request.sampling = Sampling(temperature: temperature, topP: topP, topK: topK, minP: minP,
-                                    repetitionPenalty: repetitionPenalty, presencePenalty: presencePenalty)
+        try Self.addConversation(system: system, messages: messages, tools: tools, to: &request)
+        request.sampling = sampling
         request.stop = stopSequences ?? []
-        if let tools, !tools.isEmpty { request.tools = tools.map(\.openAITool) }
         request.toolChoice = try Self.openAIToolChoice(toolChoice)
         if toolChoice?["disable_parallel_tool_use"] == .bool(true) { request.parallelToolCalls = false }
         var kwargs: [(key: String, value: JSONValue)] = []
@@ -94,6 +85,18 @@ public struct AnthropicMessagesRequest: Decodable, Sendable {
         if let preserveThinking { kwargs.append(("preserve_thinking", .bool(preserveThinking))) }
         request.chatTemplateKwargs = kwargs.isEmpty ? nil : .object(kwargs)
         return request
+    }
+
+    /// The system prompt, the messages and the tools, as the normalized (OpenAI) chat shape.
+    static func addConversation(system: JSONValue?, messages: [AnthropicMessage], tools: [AnthropicTool]?,
+                                to request: inout NormalizedRequest) throws(APIError) {
+        if let systemText = try systemText(system) {
+            request.messages.append(.object([("role", .string("system")), ("content", .string(systemText))]))
+        }
+        for (index, message) in messages.enumerated() {
+            request.messages += try message.openAIMessages(at: index)
+        }
+        if let tools, !tools.isEmpty { request.tools = tools.map(\.openAITool) }
     }
 
     static func systemText(_ system: JSONValue?) throws(APIError) -> String? {
@@ -269,11 +272,7 @@ public struct AnthropicCountTokensRequest: Decodable, Sendable {
             throw .invalidRequest("messages: at least one message is required", param: "messages", code: "invalid_value")
         }
         var request = NormalizedRequest(kind: .chat, maxTokens: 1, maxWallMilliseconds: 0)
-        if let systemText = try AnthropicMessagesRequest.systemText(system) {
-            request.messages.append(.object([("role", .string("system")), ("content", .string(systemText))]))
-        }
-        for (index, message) in messages.enumerated() { request.messages += try message.openAIMessages(at: index) }
-        if let tools, !tools.isEmpty { request.tools = tools.map(\.openAITool) }
+        try AnthropicMessagesRequest.addConversation(system: system, messages: messages, tools: tools, to: &request)
         return request
     }
 }

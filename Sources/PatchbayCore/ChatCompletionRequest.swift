@@ -64,6 +64,11 @@ public struct ChatCompletionRequest: Decodable, Sendable {
     /// The token cap the client asked for (`max_completion_tokens` wins, as in OpenAI).
     public var requestedMaxTokens: Int? { maxCompletionTokens ?? maxTokens }
 
+    var sampling: Sampling {
+        Sampling(temperature: temperature, topP: topP, topK: topK, minP: minP, repetitionPenalty: repetitionPenalty,
+                 presencePenalty: presencePenalty, frequencyPenalty: frequencyPenalty, seed: seed)
+    }
+
     /// Range and shape checks beyond what the types enforce. Each failure names its field.
     public func validate() throws(APIError) {
         if messages.isEmpty {
@@ -75,15 +80,9 @@ public struct ChatCompletionRequest: Decodable, Sendable {
         if !messages.contains(where: { $0.role != .system }) {
             throw .invalidRequest("'messages' must contain at least one non-system message.", param: "messages", code: "invalid_value")
         }
-        try checkRange(temperature, 0...2, "temperature")
-        try checkRange(topP, 0...1, "top_p")
+        try sampling.validate()
         try checkRange(maxTokens, 1...Int.max, "max_tokens")
         try checkRange(maxCompletionTokens, 1...Int.max, "max_completion_tokens")
-        try checkRange(presencePenalty, -2...2, "presence_penalty")
-        try checkRange(frequencyPenalty, -2...2, "frequency_penalty")
-        try checkRange(topK, -1...100, "top_k")
-        try checkRange(minP, 0...1, "min_p")
-        try checkRange(repetitionPenalty, 1...2, "repetition_penalty")
         try checkRange(n, 1...1, "n")
         if logprobs == true {
             throw .invalidRequest("'logprobs' is not supported.", param: "logprobs", code: "unsupported_parameter")
@@ -130,9 +129,7 @@ public struct ChatCompletionRequest: Decodable, Sendable {
         var request = NormalizedRequest(kind: .chat, maxTokens: requestedMaxTokens ?? defaultMaxTokens,
                                         maxWallMilliseconds: maxWallMilliseconds)
         request.messages = messages.map(\.normalized)
-        request.sampling = Sampling(temperature: temperature, topP: topP, topK: topK, minP: minP,
-                                    repetitionPenalty: repetitionPenalty, presencePenalty: presencePenalty,
-                                    frequencyPenalty: frequencyPenalty, seed: seed)
+        request.sampling = sampling
         request.stop = stop?.values ?? []
         request.tools = tools
         request.toolChoice = toolChoice
@@ -143,8 +140,8 @@ public struct ChatCompletionRequest: Decodable, Sendable {
     }
 }
 
-/// `stop`: a string or a list of strings.
-public struct StopSequences: Decodable, Sendable {
+/// A string, or a list of strings: `stop`, a completion's `prompt`, the `input` of embeddings.
+public struct StringList: Decodable, Sendable {
     public var values: [String]
 
     public init(from decoder: any Decoder) throws {
@@ -154,7 +151,17 @@ public struct StopSequences: Decodable, Sendable {
         } else {
             values = try container.decode([String].self)
         }
+    }
+}
+
+/// `stop`: a string or a list of at most 16 strings.
+public struct StopSequences: Decodable, Sendable {
+    public var values: [String]
+
+    public init(from decoder: any Decoder) throws {
+        values = try StringList(from: decoder).values
         if values.count > 16 {
+            let container = try decoder.singleValueContainer()
             throw DecodingError.dataCorruptedError(in: container, debugDescription: "at most 16 stop sequences are allowed")
         }
     }

@@ -3,7 +3,7 @@ import Foundation
 /// `POST /v1/completions`: raw prompt completion, as OpenAI defines it plus the extensions.
 public struct CompletionRequest: Decodable, Sendable {
     public var model: String?
-    public var prompt: PromptInput
+    public var prompt: StringList
     public var stream: Bool?
     public var streamOptions: ChatCompletionRequest.StreamOptions?
     public var maxTokens: Int?
@@ -36,26 +36,13 @@ public struct CompletionRequest: Decodable, Sendable {
         case cancelID = "cancel_id"
     }
 
-    /// `prompt`: a string, or a list holding one string.
-    public struct PromptInput: Decodable, Sendable {
-        public var texts: [String]
-        public init(from decoder: any Decoder) throws {
-            let container = try decoder.singleValueContainer()
-            if let single = try? container.decode(String.self) {
-                texts = [single]
-            } else {
-                texts = try container.decode([String].self)
-            }
-        }
-    }
-
     public var isStreaming: Bool { stream ?? false }
 
     public func validate() throws(APIError) {
-        guard let text = prompt.texts.first, !text.isEmpty else {
+        guard let text = prompt.values.first, !text.isEmpty else {
             throw .invalidRequest("'prompt' must be a non-empty string.", param: "prompt", code: "invalid_value")
         }
-        if prompt.texts.count > 1 {
+        if prompt.values.count > 1 {
             throw .invalidRequest("Only one prompt per request is supported; send the others as separate requests.",
                                   param: "prompt", code: "unsupported_value")
         }
@@ -68,22 +55,19 @@ public struct CompletionRequest: Decodable, Sendable {
         if let maxTokens, maxTokens < 1 {
             throw .invalidRequest("'max_tokens' must be at least 1.", param: "max_tokens", code: "invalid_value")
         }
-        try checkRange(temperature, 0...2, "temperature")
-        try checkRange(topP, 0...1, "top_p")
-        try checkRange(topK, -1...100, "top_k")
-        try checkRange(minP, 0...1, "min_p")
-        try checkRange(repetitionPenalty, 1...2, "repetition_penalty")
-        try checkRange(presencePenalty, -2...2, "presence_penalty")
-        try checkRange(frequencyPenalty, -2...2, "frequency_penalty")
+        try sampling.validate()
+    }
+
+    var sampling: Sampling {
+        Sampling(temperature: temperature, topP: topP, topK: topK, minP: minP, repetitionPenalty: repetitionPenalty,
+                 presencePenalty: presencePenalty, frequencyPenalty: frequencyPenalty, seed: seed)
     }
 
     public func normalized(maxTokens defaultMaxTokens: Int, maxWallMilliseconds: Int) -> NormalizedRequest {
         var request = NormalizedRequest(kind: .completion, maxTokens: maxTokens ?? defaultMaxTokens,
                                         maxWallMilliseconds: maxWallMilliseconds)
-        request.prompt = prompt.texts.first
-        request.sampling = Sampling(temperature: temperature, topP: topP, topK: topK, minP: minP,
-                                    repetitionPenalty: repetitionPenalty, presencePenalty: presencePenalty,
-                                    frequencyPenalty: frequencyPenalty, seed: seed)
+        request.prompt = prompt.values.first
+        request.sampling = sampling
         request.stop = stop?.values ?? []
         return request
     }

@@ -3,7 +3,7 @@ import Foundation
 /// `POST /v1/embeddings`.
 public struct EmbeddingsRequest: Decodable, Sendable {
     public var model: String?
-    public var input: [String]
+    public var input: StringList
     public var encodingFormat: String?
     public var dimensions: Int?
 
@@ -12,23 +12,11 @@ public struct EmbeddingsRequest: Decodable, Sendable {
         case encodingFormat = "encoding_format"
     }
 
-    public init(from decoder: any Decoder) throws {
-        let container = try decoder.container(keyedBy: CodingKeys.self)
-        model = try container.decodeIfPresent(String.self, forKey: .model)
-        if let single = try? container.decode(String.self, forKey: .input) {
-            input = [single]
-        } else {
-            input = try container.decode([String].self, forKey: .input)
-        }
-        encodingFormat = try container.decodeIfPresent(String.self, forKey: .encodingFormat)
-        dimensions = try container.decodeIfPresent(Int.self, forKey: .dimensions)
-    }
-
     public func validate() throws(APIError) {
-        if input.isEmpty || input.contains(where: \.isEmpty) {
+        if input.values.isEmpty || input.values.contains(where: \.isEmpty) {
             throw .invalidRequest("'input' must be a non-empty string or a list of non-empty strings.", param: "input", code: "invalid_value")
         }
-        if input.count > 2048 {
+        if input.values.count > 2048 {
             throw .invalidRequest("'input' holds at most 2048 texts.", param: "input", code: "invalid_value")
         }
         if let encodingFormat, !["float", "base64"].contains(encodingFormat) {

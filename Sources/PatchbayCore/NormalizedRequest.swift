@@ -72,6 +72,17 @@ public struct Sampling: Sendable {
         self.seed = seed
     }
 
+    /// The ranges every dialect accepts (the reference's); a failure names its field.
+    public func validate() throws(APIError) {
+        try checkRange(temperature, 0...2, "temperature")
+        try checkRange(topP, 0...1, "top_p")
+        try checkRange(topK, -1...100, "top_k")
+        try checkRange(minP, 0...1, "min_p")
+        try checkRange(repetitionPenalty, 1...2, "repetition_penalty")
+        try checkRange(presencePenalty, -2...2, "presence_penalty")
+        try checkRange(frequencyPenalty, -2...2, "frequency_penalty")
+    }
+
     var members: [(key: String, value: JSONValue)] {
         var members: [(key: String, value: JSONValue)] = []
         if let temperature { members.append(("temperature", .double(temperature))) }

@@ -46,11 +46,11 @@ public struct ResponsesRequest: Decodable, Sendable {
         if let maxOutputTokens, maxOutputTokens < 1 {
             throw .invalidRequest("'max_output_tokens' must be at least 1.", param: "max_output_tokens", code: "invalid_value")
         }
-        try checkRange(temperature, 0...2, "temperature")
-        try checkRange(topP, 0...1, "top_p")
-        try checkRange(topK, -1...100, "top_k")
-        try checkRange(minP, 0...1, "min_p")
-        try checkRange(repetitionPenalty, 1...2, "repetition_penalty")
+        try sampling.validate()
+    }
+
+    var sampling: Sampling {
+        Sampling(temperature: temperature, topP: topP, topK: topK, minP: minP, repetitionPenalty: repetitionPenalty)
     }
 
     public func normalized(maxTokens defaultMaxTokens: Int, maxWallMilliseconds: Int) throws(APIError) -> NormalizedRequest {
@@ -63,8 +63,7 @@ public struct ResponsesRequest: Decodable, Sendable {
             throw .invalidRequest("'input' must contain at least one message.", param: "input", code: "invalid_value")
         }
         request.messages = messages
-        request.sampling = Sampling(temperature: temperature, topP: topP, topK: topK, minP: minP,
-                                    repetitionPenalty: repetitionPenalty)
+        request.sampling = sampling
         let functions = (tools ?? []).compactMap(Self.chatTool)
         request.tools = functions.isEmpty ? nil : functions
         request.toolChoice = try Self.chatToolChoice(toolChoice)

@@ -13,8 +13,7 @@ struct ChatCompletionsRoutes {
     }
 
     func handle(_ request: Request) async throws -> Response {
-        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
-        let chat = try RequestDecoding.decode(ChatCompletionRequest.self, from: body)
+        let chat = try await state.decodeBody(ChatCompletionRequest.self, of: request)
         try chat.validate()
         let model = try state.models.model(named: chat.model)
         var normalized = chat.normalized(maxTokens: state.defaultMaxTokens(for: model), maxWallMilliseconds: state.maxWallMilliseconds)
@@ -28,9 +27,7 @@ struct ChatCompletionsRoutes {
         ].compactMap { $0 })
 
         guard chat.isStreaming else {
-            var result = ChatCompletionAccumulator()
-            try await lease.pump { events in events.forEach { result.add($0) } }
-            if let error = result.error { throw error }
+            let result = try await lease.collect()
             return JSONResponse.bytes(result.response(id: id, created: created, model: model.id))
         }
 
@@ -50,8 +47,13 @@ let eventStreamHeaders: HTTPFields = [
 extension ServerState {
     /// Refuses, before any engine work, what the model cannot do.
     func check(_ request: NormalizedRequest, against model: LoadedModel) throws(APIError) {
-        if !model.capabilities.contains(.chat) {
+        switch request.kind {
+        case .chat where !model.capabilities.contains(.chat):
             throw .invalidRequest("Model '\(model.id)' (backend '\(model.plugin.name)') does not support chat.", param: "model", code: "unsupported_capability")
+        case .completion where !model.capabilities.contains(.completion):
+            throw .invalidRequest("Model '\(model.id)' (backend '\(model.plugin.name)') does not support raw completions.",
+                                  param: "model", code: "unsupported_capability")
+        default: break
         }
         if request.hasImage && !model.capabilities.contains(.visionInput) {
             throw .invalidRequest("Image provided but model '\(model.id)' does not support vision.", param: "messages", code: "unsupported_capability")

@@ -12,16 +12,12 @@ struct CompletionsRoutes {
     }
 
     func handle(_ request: Request) async throws -> Response {
-        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
-        let completion = try RequestDecoding.decode(CompletionRequest.self, from: body)
+        let completion = try await state.decodeBody(CompletionRequest.self, of: request)
         try completion.validate()
         let model = try state.models.model(named: completion.model)
-        guard model.capabilities.contains(.completion) else {
-            throw APIError.invalidRequest("Model '\(model.id)' (backend '\(model.plugin.name)') does not support raw completions.",
-                                          param: "model", code: "unsupported_capability")
-        }
         let normalized = completion.normalized(maxTokens: state.defaultMaxTokens(for: model),
                                                maxWallMilliseconds: state.maxWallMilliseconds)
+        try state.check(normalized, against: model)
         let id = "cmpl-\(randomHex(24))"
         let created = Int(Date().timeIntervalSince1970)
         let lease = try state.startRun(on: model, request: normalized, keys: [
@@ -30,9 +26,7 @@ struct CompletionsRoutes {
         let echo = completion.echo == true ? normalized.prompt : nil
 
         guard completion.isStreaming else {
-            var result = ChatCompletionAccumulator()
-            try await lease.pump { events in events.forEach { result.add($0) } }
-            if let error = result.error { throw error }
+            let result = try await lease.collect()
             return JSONResponse.bytes(result.completionResponse(id: id, created: created, model: model.id, echo: echo))
         }
 

@@ -11,13 +11,12 @@ struct EmbeddingsRoutes {
     }
 
     func handle(_ request: Request) async throws -> Response {
-        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
-        let embeddings = try RequestDecoding.decode(EmbeddingsRequest.self, from: body)
+        let embeddings = try await state.decodeBody(EmbeddingsRequest.self, of: request)
         try embeddings.validate()
         let model = try state.models.model(named: embeddings.model)
         var vectors: [[Float]] = []
         var promptTokens = 0
-        for text in embeddings.input {
+        for text in embeddings.input.values {
             vectors.append(try await model.embed(text))
             if model.capabilities.contains(.tokenize) {
                 var prompt = NormalizedRequest(kind: .completion, maxTokens: 1, maxWallMilliseconds: 0)

@@ -34,16 +34,14 @@ struct InferenceRoutes {
     }
 
     private func unload(_ request: Request) async throws -> Response {
-        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
-        let unload = try RequestDecoding.decode(ModelReferenceRequest.self, from: body)
+        let unload = try await state.decodeBody(ModelReferenceRequest.self, of: request)
         let id = try await state.models.unload(named: unload.modelPath, forceCancelActive: unload.forceCancelActive ?? false)
         return JSONResponse.value(.object([("status", .string("unloaded")), ("model", .string(id))]))
     }
 
     /// Checks that a model could be loaded (file exists, a plugin claims it) without loading weights.
     private func validate(_ request: Request) async throws -> Response {
-        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
-        let target = try RequestDecoding.decode(ModelReferenceRequest.self, from: body)
+        let target = try await state.decodeBody(ModelReferenceRequest.self, of: request)
         let path = target.modelPath
         guard FileManager.default.fileExists(atPath: path) else {
             throw APIError(status: 400, message: "Model file not found: \(path)", param: "model_path", code: "model_not_found")

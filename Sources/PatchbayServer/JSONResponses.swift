@@ -19,6 +19,14 @@ extension Request {
     }
 }
 
+extension ServerState {
+    /// The request's body as `T`: 413 past the body limit, 400 naming the field on bad JSON.
+    func decodeBody<T: Decodable>(_ type: T.Type, of request: Request) async throws -> T {
+        let body = try await request.collectBody(limit: configuration.maxBodyBytes)
+        return try RequestDecoding.decode(type, from: body)
+    }
+}
+
 enum JSONResponse {
     static func bytes(_ bytes: [UInt8], status: HTTPResponse.Status = .ok) -> Response {
         Response(status: status, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))

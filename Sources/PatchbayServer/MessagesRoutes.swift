@@ -14,8 +14,7 @@ struct MessagesRoutes {
     }
 
     func messages(_ request: Request) async throws -> Response {
-        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
-        let messages = try RequestDecoding.decode(AnthropicMessagesRequest.self, from: body)
+        let messages = try await state.decodeBody(AnthropicMessagesRequest.self, of: request)
         try messages.validate()
         let model = try state.models.model(named: messages.model)
         let normalized = try messages.normalized(maxWallMilliseconds: state.maxWallMilliseconds)
@@ -28,9 +27,7 @@ struct MessagesRoutes {
         ].compactMap { $0 })
 
         guard messages.isStreaming else {
-            var result = ChatCompletionAccumulator()
-            try await lease.pump { events in events.forEach { result.add($0) } }
-            if let error = result.error { throw error }
+            let result = try await lease.collect()
             return JSONResponse.bytes(result.anthropicResponse(id: id, model: model.id))
         }
 
@@ -40,8 +37,7 @@ struct MessagesRoutes {
     }
 
     func countTokens(_ request: Request) async throws -> Response {
-        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
-        let count = try RequestDecoding.decode(AnthropicCountTokensRequest.self, from: body)
+        let count = try await state.decodeBody(AnthropicCountTokensRequest.self, of: request)
         let model = try state.models.model(named: count.model)
         let normalized = try count.normalized()
         try state.check(normalized, against: model)

@@ -14,8 +14,7 @@ struct PluginsRoutes {
             ]))
         }
         router.post("/api/plugins/load") { request, _ in
-            let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
-            let load = try RequestDecoding.decode(PluginLoadRequest.self, from: body)
+            let load = try await state.decodeBody(PluginLoadRequest.self, of: request)
             do throws(PluginLoadError) {
                 let plugin = try state.plugins.load(path: load.path)
                 return JSONResponse.value(plugin.descriptor)

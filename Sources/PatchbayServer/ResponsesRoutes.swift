@@ -13,8 +13,7 @@ struct ResponsesRoutes {
     }
 
     func handle(_ request: Request) async throws -> Response {
-        let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
-        let responses = try RequestDecoding.decode(ResponsesRequest.self, from: body)
+        let responses = try await state.decodeBody(ResponsesRequest.self, of: request)
         try responses.validate()
         let model = try state.models.model(named: responses.model)
         let normalized = try responses.normalized(maxTokens: state.defaultMaxTokens(for: model),

@@ -79,6 +79,14 @@ final class RunLease: Sendable {
 }
 
 extension RunLease {
+    /// The whole run, for a response that is not streamed; an engine error is thrown.
+    func collect() async throws -> ChatCompletionAccumulator {
+        var result = ChatCompletionAccumulator()
+        try await pump { events in events.forEach { result.add($0) } }
+        if let error = result.error { throw error }
+        return result
+    }
+
     /// The streaming response: the run's events through `encoder`, starting with `first`.
     /// A write that fails (the client went away) cancels the run.
     func eventStream(startingWith first: [GenerationEvent], encoder: some EventStreamEncoder) -> Response {

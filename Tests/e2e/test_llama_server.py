@@ -63,6 +63,15 @@ def llama():
 
 
 @pytest.fixture
+def server():
+    """A host of the test's own, for tests that kill, stop or reload things."""
+    server = start_server()
+    yield server
+    server.stop()
+    server.cleanup()
+
+
+@pytest.fixture
 def client(llama):
     return openai.OpenAI(base_url=llama.base + "/v1", api_key="unused", max_retries=0)
 
@@ -264,135 +273,107 @@ def test_client_disconnect_frees_the_slot(llama, client):
 
 # ─── Load, unload, faults, process lifetime ─────────────────────────────────
 
-def test_load_progress_rises_to_one_and_unload_frees_the_child():
-    server = start_server()
-    try:
-        samples = []
-        loader = threading.Thread(target=lambda: samples.append(load_smollm2(server)))
-        loader.start()
-        fractions = []
-        while loader.is_alive():
-            progress = server.get("/api/inference/load-progress")[1]
-            if progress["phase"]:
-                fractions.append(progress["fraction"])
-            time.sleep(0.005)
-        loader.join()
-        assert samples and samples[0]["status"] == "loaded"
-        final = server.get("/api/inference/load-progress")[1]
-        assert final["phase"] == "ready" and final["fraction"] == 1.0
-        # The child's resident memory against the file's size, rising while it loads.
-        assert any(0 < f < 1 for f in fractions), fractions
-        assert fractions == sorted(fractions), fractions
+def test_load_progress_rises_to_one_and_unload_frees_the_child(server):
+    samples = []
+    loader = threading.Thread(target=lambda: samples.append(load_smollm2(server)))
+    loader.start()
+    fractions = []
+    while loader.is_alive():
+        progress = server.get("/api/inference/load-progress")[1]
+        if progress["phase"]:
+            fractions.append(progress["fraction"])
+        time.sleep(0.005)
+    loader.join()
+    assert samples and samples[0]["status"] == "loaded"
+    final = server.get("/api/inference/load-progress")[1]
+    assert final["phase"] == "ready" and final["fraction"] == 1.0
+    # The child's resident memory against the file's size, rising while it loads.
+    assert any(0 < f < 1 for f in fractions), fractions
+    assert fractions == sorted(fractions), fractions
 
-        child = the_child(server)
-        status, _ = server.post("/api/inference/unload", {"model_path": SMOLLM2})
-        assert status == 200
-        assert wait_gone(child.pid, timeout=10)
-        assert llama_children(server.process.pid) == []
-    finally:
-        server.stop()
-        server.cleanup()
+    child = the_child(server)
+    status, _ = server.post("/api/inference/unload", {"model_path": SMOLLM2})
+    assert status == 200
+    assert wait_gone(child.pid, timeout=10)
+    assert llama_children(server.process.pid) == []
 
 
-def test_killed_child_gives_a_clean_error_and_the_next_request_respawns_it():
-    server = start_server()
-    try:
-        load_smollm2(server)
-        child = the_child(server)
-        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
-        stream = client.chat.completions.create(model="default", messages=LONG_ANSWER, max_tokens=2000, stream=True,
-                                                **GREEDY)
-        with pytest.raises(openai.APIError) as caught:
-            for i, _ in enumerate(stream):
-                if i == 5:
-                    os.kill(child.pid, signal.SIGKILL)
-        assert "Lost connection to the model server" in str(caught.value)
-        assert server.wait_idle() == 0
+def test_killed_child_gives_a_clean_error_and_the_next_request_respawns_it(server):
+    load_smollm2(server)
+    child = the_child(server)
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="default", messages=LONG_ANSWER, max_tokens=2000, stream=True,
+                                            **GREEDY)
+    with pytest.raises(openai.APIError) as caught:
+        for i, _ in enumerate(stream):
+            if i == 5:
+                os.kill(child.pid, signal.SIGKILL)
+    assert "Lost connection to the model server" in str(caught.value)
+    assert server.wait_idle() == 0
 
-        reply = client.chat.completions.create(model="default", max_tokens=8,
-                                               messages=[{"role": "user", "content": "Hello!"}], **GREEDY)
-        assert reply.choices[0].message.content
-        respawned = the_child(server)
-        assert respawned.pid != child.pid
-    finally:
-        server.stop()
-        server.cleanup()
+    reply = client.chat.completions.create(model="default", max_tokens=8,
+                                           messages=[{"role": "user", "content": "Hello!"}], **GREEDY)
+    assert reply.choices[0].message.content
+    respawned = the_child(server)
+    assert respawned.pid != child.pid
 
 
-def test_non_streaming_request_to_a_dead_child_is_a_502_then_recovers():
-    server = start_server()
-    try:
-        load_smollm2(server)
-        child = the_child(server)
-        result = {}
+def test_non_streaming_request_to_a_dead_child_is_a_502_then_recovers(server):
+    load_smollm2(server)
+    child = the_child(server)
+    result = {}
 
-        def ask():
-            result["reply"] = server.post("/v1/chat/completions", {"messages": LONG_ANSWER, "max_tokens": 2000})
+    def ask():
+        result["reply"] = server.post("/v1/chat/completions", {"messages": LONG_ANSWER, "max_tokens": 2000})
 
-        asker = threading.Thread(target=ask)
-        asker.start()
-        deadline = time.time() + 10
-        while not child.busy():
-            assert time.time() < deadline
-            time.sleep(0.01)
-        os.kill(child.pid, signal.SIGKILL)
-        asker.join(30)
-        status, body = result["reply"]
-        assert status == 502, body
-        assert "Lost connection to the model server" in body["error"]["message"]
-        status, body = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
-                                                            "max_tokens": 4})
-        assert status == 200, body
-    finally:
-        server.stop()
-        server.cleanup()
+    asker = threading.Thread(target=ask)
+    asker.start()
+    deadline = time.time() + 10
+    while not child.busy():
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    asker.join(30)
+    status, body = result["reply"]
+    assert status == 502, body
+    assert "Lost connection to the model server" in body["error"]["message"]
+    status, body = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                        "max_tokens": 4})
+    assert status == 200, body
 
 
-def test_no_child_outlives_the_host_killed_with_sigkill():
-    server = start_server()
-    try:
-        load_smollm2(server)
-        child = the_child(server)
-        server.process.kill()
-        server.process.wait()
-        assert wait_gone(child.pid, timeout=10), "llama-server outlived a SIGKILLed host"
-    finally:
-        server.cleanup()
+def test_no_child_outlives_the_host_killed_with_sigkill(server):
+    load_smollm2(server)
+    child = the_child(server)
+    server.process.kill()
+    server.process.wait()
+    assert wait_gone(child.pid, timeout=10), "llama-server outlived a SIGKILLed host"
 
 
-def test_no_child_outlives_sigterm():
-    server = start_server()
-    try:
-        load_smollm2(server)
-        child = the_child(server)
-        server.stop()
-        assert server.process.returncode == 0
-        assert wait_gone(child.pid, timeout=10)
-    finally:
-        server.cleanup()
+def test_no_child_outlives_sigterm(server):
+    load_smollm2(server)
+    child = the_child(server)
+    server.stop()
+    assert server.process.returncode == 0
+    assert wait_gone(child.pid, timeout=10)
 
 
-def test_load_errors_are_clear():
-    server = start_server()
-    try:
-        status, body = server.post("/api/inference/load", {"model_path": SMOLLM2, "llama_extra_args": ["--port", "1"]})
-        assert status == 400, body
-        assert "--port" in body["error"]["message"]
+def test_load_errors_are_clear(server):
+    status, body = server.post("/api/inference/load", {"model_path": SMOLLM2, "llama_extra_args": ["--port", "1"]})
+    assert status == 400, body
+    assert "--port" in body["error"]["message"]
 
-        status, body = server.post("/api/inference/load", {"model_path": SMOLLM2,
-                                                           "llama_extra_args": ["--no-such-flag"]})
-        assert status == 500, body
-        assert "exited during load" in body["error"]["message"]
-        assert "--no-such-flag" in body["error"]["message"]  # the tail of llama-server's own log
+    status, body = server.post("/api/inference/load", {"model_path": SMOLLM2,
+                                                       "llama_extra_args": ["--no-such-flag"]})
+    assert status == 500, body
+    assert "exited during load" in body["error"]["message"]
+    assert "--no-such-flag" in body["error"]["message"]  # the tail of llama-server's own log
 
-        status, body = server.post("/api/inference/load", {"model_path": SMOLLM2,
-                                                           "llama_server_path": "/nonexistent/llama-server"})
-        assert status == 500, body
-        assert "llama-server not found" in body["error"]["message"]
-        assert llama_children(server.process.pid) == []
-    finally:
-        server.stop()
-        server.cleanup()
+    status, body = server.post("/api/inference/load", {"model_path": SMOLLM2,
+                                                       "llama_server_path": "/nonexistent/llama-server"})
+    assert status == 500, body
+    assert "llama-server not found" in body["error"]["message"]
+    assert llama_children(server.process.pid) == []
 
 
 # ─── Tool calling with a tool-aware chat template ───────────────────────────
