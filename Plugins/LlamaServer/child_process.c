@@ -36,6 +36,8 @@ static pthread_mutex_t g_one_job_at_a_time = PTHREAD_MUTEX_INITIALIZER;
 static spawn_job *g_job;
 static pthread_once_t g_spawner_once = PTHREAD_ONCE_INIT;
 static int g_spawner_started;
+static int g_spawner_stopping; /* under g_lock: child_spawner_shutdown asked the thread to end */
+static int g_spawner_ended;    /* under g_lock: it has */
 
 /* Runs in the forked child: only async-signal-safe calls until execve. */
 static void exec_child(const spawn_job *job, pid_t parent) {
@@ -62,7 +64,8 @@ static void *spawner_main(void *unused) {
     (void)unused;
     pthread_mutex_lock(&g_lock);
     for (;;) {
-        while (!g_job || g_job->done) pthread_cond_wait(&g_changed, &g_lock);
+        while (!g_spawner_stopping && (!g_job || g_job->done)) pthread_cond_wait(&g_changed, &g_lock);
+        if (g_spawner_stopping) break;
         spawn_job *job = g_job;
         pid_t parent = getpid();
         pid_t pid = fork();
@@ -72,7 +75,21 @@ static void *spawner_main(void *unused) {
         job->done = 1;
         pthread_cond_broadcast(&g_changed);
     }
+    g_spawner_ended = 1;
+    pthread_cond_broadcast(&g_changed);
+    pthread_mutex_unlock(&g_lock);
     return NULL;
+}
+
+void child_spawner_shutdown(void) {
+    pthread_mutex_lock(&g_lock);
+    if (g_spawner_started) {
+        g_spawner_stopping = 1;
+        pthread_cond_broadcast(&g_changed);
+        while (!g_spawner_ended) pthread_cond_wait(&g_changed, &g_lock);
+    }
+    g_spawner_started = 0; /* child_spawn fails from now on */
+    pthread_mutex_unlock(&g_lock);
 }
 
 static void start_spawner(void) {

@@ -21,6 +21,12 @@
  */
 pid_t child_spawn(char *const argv[], char *const extra_env[], const char *log_path, char *error, size_t error_size);
 
+/**
+ * Ends the spawner thread, once no child is left (its exit would SIGKILL the
+ * children it forked). child_spawn fails afterwards. For the plugin's shutdown.
+ */
+void child_spawner_shutdown(void);
+
 /** Reaps the child if it has exited: 1 (and `*wait_status`) when it has, 0 while it runs. */
 int child_exited(pid_t pid, int *wait_status);
 

@@ -27,9 +27,13 @@
 #define _GNU_SOURCE
 #include "patchbay.h"
 #include "child_process.h"
+#include "errors.h"
+#include "gguf.h"
 #include "json_buffer.h"
 #include "json_reader.h"
 #include "plugin_util.h"
+#include "request.h"
+#include "sse.h"
 #include "upstream.h"
 
 #include <dirent.h>
@@ -39,6 +43,7 @@
 #include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,10 +51,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PLUGIN_VERSION "1.0.0"
+#define PLUGIN_VERSION "1.1.0"
 #define DEFAULT_PARALLEL 4
 #define DEFAULT_BATCH 128
 #define DEFAULT_LOAD_TIMEOUT_S 600
+/* Tokenizing and embedding one text: seconds at most, unless the engine is stuck. */
+#define POST_TIMEOUT_MS 60000
 
 static const pb_host_api *g_host;
 
@@ -253,7 +260,7 @@ static pb_status parse_load_request(const json_value *request, const char *work_
 struct pb_model {
     launch_config config;
     char work_dir[PATH_MAX]; /* 0700: the child's log and the template override */
-    char log_path[PATH_MAX + 16];
+    char log_path[PATH_MAX + 32];
     char api_key[65];
     uint64_t model_bytes;
 
@@ -261,8 +268,15 @@ struct pb_model {
     pid_t pid;
     char base_url[64];
 
+    /* What the child and the file say about the model (model_info). */
     int64_t context_length;
     uint64_t capabilities;
+    int32_t parallel_slots;
+    int64_t embedding_dimensions;
+    int64_t training_context_length;
+    int64_t parameter_count;
+    uint64_t size_bytes;
+    char *architecture; /* NULL: unknown; lives until unload */
 };
 
 static void random_key(char out[65]) {
@@ -325,11 +339,10 @@ static void describe_child_failure(const pb_model *model, const char *what, char
     free(tail);
 }
 
-typedef int (*progress_fn)(void *context, const char *phase, uint64_t loaded, uint64_t total);
-
 /*
  * Starts a child and waits until it answers /health. Called with model->lock
- * held (or before the model is shared). `progress` may be NULL (a respawn).
+ * held (or before the model is shared). `callbacks` is NULL on a respawn, or
+ * when the host's has no usable progress.
  */
 static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks, char *error, size_t error_size) {
     int port = free_loopback_port();
@@ -370,7 +383,7 @@ static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks
             break;
         }
         char probe_error[128];
-        if (upstream_request(url, NULL, NULL, 1000, &reply, probe_error, sizeof probe_error) == 200) {
+        if (upstream_request(url, NULL, NULL, 1000, &reply, NULL, probe_error, sizeof probe_error) == 200) {
             status = PB_OK;
             break;
         }
@@ -378,7 +391,7 @@ static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks
         uint64_t rss = child_resident_bytes(pid);
         if (rss > high_water) high_water = rss;
         uint64_t loaded = high_water < model->model_bytes ? high_water : model->model_bytes - model->model_bytes / 100;
-        if (callbacks && callbacks->progress &&
+        if (callbacks &&
             callbacks->progress(callbacks->context, "mmap", loaded, model->model_bytes) != 0) {
             plugin_set_error(error, error_size, "The load was cancelled.");
             status = PB_ERR_CANCELLED;
@@ -400,28 +413,62 @@ static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks
     return status;
 }
 
-/* Reads what the child knows about its model: context size, template capabilities, modalities. */
-static void read_props(pb_model *model) {
+/* GET of one of the child's JSON endpoints at load; NULL (and a warning) when it fails. */
+static json_value *get_json(pb_model *model, const char *path) {
     char url[128], error[128];
-    url_for(model, "/props", url, sizeof url);
+    url_for(model, path, url, sizeof url);
     json_buffer reply;
     jb_init(&reply);
+    json_value *parsed = NULL;
+    long status = upstream_request(url, model->api_key, NULL, 10000, &reply, NULL, error, sizeof error);
+    if (status == 200) parsed = json_parse(reply.data);
+    if (!parsed) plugin_log(g_host, PB_LOG_WARNING, "could not read %s from llama-server: %s", path,
+                            status ? "an unreadable reply" : error);
+    jb_free(&reply);
+    return parsed;
+}
+
+/*
+ * Reads what the child knows about its model. /props: context size, slots,
+ * template capabilities, modalities. /v1/models, data[0].meta
+ * (server-context.cpp, get_res_model_info): n_ctx_train, n_embd, n_params,
+ * and size, llama_model_size: the bytes of the model's tensors over all its
+ * split files, without the projector's, which is added here.
+ */
+static void read_model_facts(pb_model *model) {
     /* An embedding server does nothing else. */
     model->capabilities = model->config.pooling ? PB_CAP_EMBEDDINGS | PB_CAP_TOKENIZE
                                                 : PB_CAP_CHAT | PB_CAP_COMPLETION | PB_CAP_TOKENIZE | PB_CAP_REASONING;
-    if (upstream_request(url, model->api_key, NULL, 10000, &reply, error, sizeof error) == 200) {
-        json_value *props = json_parse(reply.data);
-        const json_value *settings = json_get(props, "default_generation_settings");
-        model->context_length = (int64_t)json_get_number(settings, "n_ctx", json_get_number(props, "n_ctx", 0));
-        if (!model->config.pooling) {
-            if (json_get_bool(json_get(props, "chat_template_caps"), "supports_tools", 0)) model->capabilities |= PB_CAP_TOOLS;
-            if (json_get_bool(json_get(props, "modalities"), "vision", 0)) model->capabilities |= PB_CAP_VISION_INPUT;
-        }
-        json_free(props);
-    } else {
-        plugin_log(g_host, PB_LOG_WARNING, "could not read /props from llama-server: %s", error);
+    json_value *props = get_json(model, "/props");
+    const json_value *settings = json_get(props, "default_generation_settings");
+    model->context_length = (int64_t)json_get_number(settings, "n_ctx", json_get_number(props, "n_ctx", 0));
+    model->parallel_slots = (int32_t)json_get_number(props, "total_slots", model->config.parallel);
+    if (props && !model->config.pooling) {
+        if (json_get_bool(json_get(props, "chat_template_caps"), "supports_tools", 0)) model->capabilities |= PB_CAP_TOOLS;
+        if (json_get_bool(json_get(props, "modalities"), "vision", 0)) model->capabilities |= PB_CAP_VISION_INPUT;
     }
-    jb_free(&reply);
+    json_free(props);
+
+    json_value *models = get_json(model, "/v1/models");
+    const json_value *data = json_get(models, "data");
+    const json_value *meta = data && data->kind == JSON_ARRAY && data->count > 0 ? json_get(&data->items[0], "meta") : NULL;
+    model->training_context_length = (int64_t)json_get_number(meta, "n_ctx_train", 0);
+    model->parameter_count = (int64_t)json_get_number(meta, "n_params", 0);
+    /* n_embd is the model's width; it is the embedding's length only where the model embeds. */
+    if (model->config.pooling) model->embedding_dimensions = (int64_t)json_get_number(meta, "n_embd", 0);
+    double size = json_get_number(meta, "size", 0);
+    if (size > 0) {
+        struct stat st;
+        model->size_bytes = (uint64_t)size;
+        if (model->config.mmproj_path && stat(model->config.mmproj_path, &st) == 0) model->size_bytes += (uint64_t)st.st_size;
+    } else {
+        model->size_bytes = model->model_bytes;
+    }
+    json_free(models);
+
+    /* llama-server names no architecture anywhere (the "architecture" of /v1/models lists
+     * modalities); the file's header does, in its first metadata entry. */
+    model->architecture = gguf_architecture(model->config.model_path);
 }
 
 static void model_free(pb_model *model) {
@@ -430,12 +477,16 @@ static void model_free(pb_model *model) {
     if (model->config.template_path) unlink(model->config.template_path);
     rmdir(model->work_dir);
     config_free(&model->config);
+    free(model->architecture);
     pthread_mutex_destroy(&model->lock);
     free(model);
 }
 
-static pb_status llama_load(const char *request_json, const pb_load_callbacks *callbacks, pb_model **out_model,
+static pb_status llama_load(const char *request_json, const pb_load_callbacks *host_callbacks, pb_model **out_model,
                             char *error, size_t error_size) {
+    /* The callbacks are read only within the size the host declared. */
+    const pb_load_callbacks *callbacks =
+        host_callbacks && PB_HAS(host_callbacks, progress) && host_callbacks->progress ? host_callbacks : NULL;
     json_value *request = json_parse(request_json);
     if (!request) {
         plugin_set_error(error, error_size, "The load request is not valid JSON.");
@@ -467,15 +518,22 @@ static pb_status llama_load(const char *request_json, const pb_load_callbacks *c
         model_free(model);
         return status;
     }
-    read_props(model);
-    if (callbacks && callbacks->progress) callbacks->progress(callbacks->context, "ready", model->model_bytes, model->model_bytes);
+    read_model_facts(model);
+    if (callbacks) callbacks->progress(callbacks->context, "ready", model->model_bytes, model->model_bytes);
     *out_model = model;
     return PB_OK;
 }
 
+/* Writes only the fields inside the host's struct_size: a 1.0 host's struct ends at capabilities. */
 static void llama_model_info(pb_model *model, pb_model_info *info) {
-    info->context_length = model->context_length;
-    info->capabilities = model->capabilities;
+    if (PB_HAS(info, context_length)) info->context_length = model->context_length;
+    if (PB_HAS(info, capabilities)) info->capabilities = model->capabilities;
+    if (PB_HAS(info, parallel_slots)) info->parallel_slots = model->parallel_slots;
+    if (PB_HAS(info, embedding_dimensions)) info->embedding_dimensions = model->embedding_dimensions;
+    if (PB_HAS(info, training_context_length)) info->training_context_length = model->training_context_length;
+    if (PB_HAS(info, parameter_count)) info->parameter_count = model->parameter_count;
+    if (PB_HAS(info, size_bytes)) info->size_bytes = model->size_bytes;
+    if (PB_HAS(info, architecture)) info->architecture = model->architecture;
 }
 
 static void llama_unload(pb_model *model) {
@@ -522,222 +580,91 @@ static void describe_lost_connection(pb_model *model, const char *transfer_error
     pthread_mutex_unlock(&model->lock);
 }
 
-/* ─── Requests and errors ──────────────────────────────────────────────── */
-
-/* The upstream body: the normalized request's OpenAI fields, renamed where llama-server differs. */
-static char *build_body(const json_value *request, int is_completion) {
-    static const char *const forwarded[] = {
-        "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "seed", "stop",
-        "response_format", NULL,
-    };
-    static const char *const chat_only[] = {
-        "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", NULL,
-    };
-    json_buffer b;
-    jb_init(&b);
-    jb_append_str(&b, "{");
-    jb_key(&b, is_completion ? "prompt" : "messages");
-    jb_append_json_value(&b, json_get(request, is_completion ? "prompt" : "messages"));
-    jb_key(&b, "stream");
-    jb_append_str(&b, "true");
-    jb_key(&b, "stream_options");
-    jb_append_str(&b, "{\"include_usage\":true}");
-    /* Progress chunks after every prompt batch wake llama-server's HTTP thread, which is
-     * when it notices a closed connection; without them a close during prefill goes
-     * unnoticed until the prompt is done (its 1 s poll restarts on every other result). */
-    jb_key(&b, "return_progress");
-    jb_append_str(&b, "true");
-    jb_key(&b, "max_tokens");
-    jb_printf(&b, "%lld", (long long)json_get_number(request, "max_tokens", -1));
-    for (const char *const *key = forwarded; *key; key++) {
-        const json_value *value = json_get(request, *key);
-        if (!value || value->kind == JSON_NULL) continue;
-        jb_key(&b, *key);
-        jb_append_json_value(&b, value);
-    }
-    for (const char *const *key = chat_only; *key && !is_completion; key++) {
-        const json_value *value = json_get(request, *key);
-        if (!value || value->kind == JSON_NULL) continue;
-        jb_key(&b, *key);
-        jb_append_json_value(&b, value);
-    }
-    const json_value *top_k = json_get(request, "top_k");
-    if (top_k && top_k->kind == JSON_NUMBER) {
-        jb_key(&b, "top_k"); /* OpenAI-style -1 ("off") is llama.cpp's 0 */
-        jb_printf(&b, "%d", top_k->number < 0 ? 0 : (int)top_k->number);
-    }
-    const json_value *repetition = json_get(request, "repetition_penalty");
-    if (repetition && repetition->kind == JSON_NUMBER) {
-        jb_key(&b, "repeat_penalty");
-        jb_append_json_value(&b, repetition);
-    }
-    double wall_ms = json_get_number(request, "max_wall_ms", 0);
-    if (wall_ms > 0) {
-        jb_key(&b, "t_max_predict_ms");
-        jb_printf(&b, "%lld", (long long)wall_ms);
-    }
-    jb_append_str(&b, "}");
-    if (b.failed) {
-        jb_free(&b);
-        return NULL;
-    }
-    return b.data;
-}
-
-/* Maps an llama-server error reply ({"error":{code,message,type}}) to a status and message. */
-static pb_status map_upstream_error(long http_status, const char *body, char *message, size_t size) {
-    json_value *parsed = json_parse(body ? body : "");
-    const json_value *error = json_get(parsed, "error");
-    const char *text = json_get_string(error, "message");
-    const char *type = json_get_string(error, "type");
-    if (!text) text = json_get_string(parsed, "message");
-    plugin_set_error(message, size, "%s", text ? text : (body && *body ? body : "llama-server returned an error"));
-    pb_status status;
-    if ((type && strcmp(type, "exceed_context_size_error") == 0) || (text && strstr(text, "exceeds the available context size")))
-        status = PB_ERR_CONTEXT_LENGTH_EXCEEDED;
-    else if (http_status == 404) status = PB_ERR_NOT_FOUND;
-    else if (http_status == 501) status = PB_ERR_UNSUPPORTED;
-    else if (http_status == 503) status = PB_ERR_ENGINE_UNAVAILABLE;
-    else if (http_status >= 400 && http_status < 500) status = PB_ERR_INVALID_REQUEST;
-    else status = PB_ERR_INTERNAL;
-    json_free(parsed);
-    return status;
-}
-
 /* ─── Runs ─────────────────────────────────────────────────────────────── */
+
+/* While a run has no output yet, a heartbeat progress event at least this often (patchbay.h, run_execute). */
+#define HEARTBEAT_MS 1000
 
 struct pb_run {
     pb_model *model;
     upstream_stream *stream;
     char *body;
     int is_completion;
+    int64_t max_tokens;
+    int64_t max_wall_ms;    /* 0: no budget */
 
     /* Set during run_execute. */
     const pb_event_sink *sink;
-    json_buffer pending;    /* bytes after the last complete SSE line */
+    sse_reader reader;
     json_buffer error_body; /* the body of a non-200 reply */
-    pb_finish_reason finish;
+    double started_ms;
+    double last_event_ms;
+    int out_of_time;        /* the run's deadline closed the stream */
     int ended;              /* a terminal event was delivered */
-    int has_timings;
-    pb_event timings;
 };
 
+static int host_minor(void) { return g_host ? g_host->abi_minor : 0; }
+
+/* Every event goes out here, in the shape the host's ABI minor understands. */
 static void emit(pb_run *run, pb_event *event) {
+    int minor = host_minor();
+    if (event->type == PB_EVENT_PROGRESS && minor < 1) return; /* a 1.0 host has no such event */
+    if (event->type == PB_EVENT_ERROR) {
+        event->error_code = status_for_host(event->error_code, minor);
+        if (minor < 1) event->retry_after_ms = 0;
+    }
+    if (event->type == PB_EVENT_FINISH && finish_for_host(event->finish_reason, minor) != event->finish_reason) {
+        event->finish_reason = finish_for_host(event->finish_reason, minor);
+        event->text = NULL; /* a 1.0 finish carries no text */
+        event->text_len = 0;
+    }
     event->struct_size = sizeof *event;
     run->sink->on_event(run->sink->context, event);
+    run->last_event_ms = plugin_now_ms();
     if (event->type == PB_EVENT_FINISH || event->type == PB_EVENT_ERROR) run->ended = 1;
 }
 
-static void emit_text(pb_run *run, pb_event_type type, const char *text) {
-    if (!text || !*text) return;
-    pb_event event = {.type = type, .text = text, .text_len = strlen(text)};
+static void emit_for_reader(void *context, pb_event *event) { emit(context, event); }
+
+static void emit_error(pb_run *run, pb_status code, const char *message, uint32_t retry_after_ms) {
+    pb_event event = {.type = PB_EVENT_ERROR, .error_code = code, .text = message, .text_len = strlen(message),
+                      .retry_after_ms = retry_after_ms};
     emit(run, &event);
 }
 
-static void emit_error(pb_run *run, pb_status code, const char *message) {
-    pb_event event = {.type = PB_EVENT_ERROR, .error_code = code, .text = message, .text_len = strlen(message)};
+static void emit_finish(pb_run *run, pb_finish_reason reason, const char *text) {
+    pb_event event = {.type = PB_EVENT_FINISH, .finish_reason = reason, .text = text, .text_len = text ? strlen(text) : 0};
     emit(run, &event);
 }
 
-static pb_finish_reason finish_from(const char *reason) {
-    if (!reason) return 0;
-    if (strcmp(reason, "length") == 0) return PB_FINISH_LENGTH;
-    if (strcmp(reason, "tool_calls") == 0) return PB_FINISH_TOOL_CALLS;
-    return PB_FINISH_STOP;
-}
-
-/* One `data:` payload of the stream. Returns non-zero to stop reading. */
-static int handle_chunk(pb_run *run, const char *payload) {
-    json_value *chunk = json_parse(payload);
-    if (!chunk) return 0; /* not JSON (a comment, a keep-alive): ignore */
-    const json_value *error = json_get(chunk, "error");
-    if (error) {
-        char message[1024];
-        pb_status status = map_upstream_error((long)json_get_number(error, "code", 500), payload, message, sizeof message);
-        emit_error(run, status, message);
-        json_free(chunk);
-        return 1;
-    }
-    const json_value *choices = json_get(chunk, "choices");
-    if (choices && choices->kind == JSON_ARRAY && choices->count > 0) {
-        const json_value *choice = &choices->items[0];
-        if (run->is_completion) {
-            emit_text(run, PB_EVENT_CONTENT_DELTA, json_get_string(choice, "text"));
-        } else {
-            const json_value *delta = json_get(choice, "delta");
-            emit_text(run, PB_EVENT_REASONING_DELTA, json_get_string(delta, "reasoning_content"));
-            emit_text(run, PB_EVENT_CONTENT_DELTA, json_get_string(delta, "content"));
-            const json_value *calls = json_get(delta, "tool_calls");
-            for (size_t i = 0; calls && calls->kind == JSON_ARRAY && i < calls->count; i++) {
-                const json_value *call = &calls->items[i];
-                const json_value *function = json_get(call, "function");
-                const char *arguments = json_get_string(function, "arguments");
-                pb_event event = {
-                    .type = PB_EVENT_TOOL_CALL_DELTA,
-                    .tool_index = (int32_t)json_get_number(call, "index", (double)i),
-                    .tool_call_id = json_get_string(call, "id"),
-                    .tool_name = json_get_string(function, "name"),
-                    .text = arguments ? arguments : "",
-                    .text_len = arguments ? strlen(arguments) : 0,
-                };
-                emit(run, &event);
-            }
-        }
-        pb_finish_reason finish = finish_from(json_get_string(choice, "finish_reason"));
-        if (finish) run->finish = finish;
-    }
-    const json_value *usage = json_get(chunk, "usage");
-    if (usage && usage->kind == JSON_OBJECT) {
-        pb_event event = {
-            .type = PB_EVENT_USAGE,
-            .prompt_tokens = (int64_t)json_get_number(usage, "prompt_tokens", 0),
-            .completion_tokens = (int64_t)json_get_number(usage, "completion_tokens", 0),
-            .cached_tokens = (int64_t)json_get_number(json_get(usage, "prompt_tokens_details"), "cached_tokens", 0),
-        };
-        emit(run, &event);
-    }
-    const json_value *timings = json_get(chunk, "timings");
-    if (timings && timings->kind == JSON_OBJECT) {
-        run->has_timings = 1;
-        run->timings = (pb_event){
-            .type = PB_EVENT_TIMINGS,
-            .prompt_ms = json_get_number(timings, "prompt_ms", 0),
-            .predicted_ms = json_get_number(timings, "predicted_ms", 0),
-            .prompt_per_second = json_get_number(timings, "prompt_per_second", 0),
-            .predicted_per_second = json_get_number(timings, "predicted_per_second", 0),
-        };
-    }
-    json_free(chunk);
-    return 0;
-}
-
-/* Splits the body into SSE lines as bytes arrive; a line may span several deliveries. */
 static int on_stream_data(void *context, long http_status, const char *bytes, size_t length) {
     pb_run *run = context;
     if (http_status != 200) {
         jb_append(&run->error_body, bytes, length);
         return run->error_body.length > 65536; /* enough to explain */
     }
-    jb_append(&run->pending, bytes, length);
-    if (run->pending.failed) return 1;
-    char *line = run->pending.data;
-    char *newline;
-    while ((newline = memchr(line, '\n', run->pending.length - (size_t)(line - run->pending.data)))) {
-        *newline = 0;
-        if (newline > line && newline[-1] == '\r') newline[-1] = 0;
-        const char *payload = NULL;
-        if (strncmp(line, "data:", 5) == 0) payload = line + 5;
-        else if (strncmp(line, "error:", 6) == 0) payload = line + 6;
-        if (payload) {
-            while (*payload == ' ') payload++;
-            if (strcmp(payload, "[DONE]") != 0 && handle_chunk(run, payload) != 0) return 1;
-        }
-        line = newline + 1;
+    return sse_reader_feed(&run->reader, bytes, length);
+}
+
+/*
+ * Between deliveries. The deadline: llama-server's t_max_predict_ms counts from
+ * the first token and acts only at a newline, so a long prefill or a line
+ * without end would outlast max_wall_ms; the run's own clock holds it. The
+ * heartbeat: while the prompt is processed or the request waits for a slot,
+ * llama-server may say nothing for longer than a second (a slow prompt batch,
+ * all slots busy); the host keeps its client's connection alive on progress.
+ */
+static int on_stream_tick(void *context) {
+    pb_run *run = context;
+    double now = plugin_now_ms();
+    if (run->max_wall_ms > 0 && now - run->started_ms >= (double)run->max_wall_ms) {
+        run->out_of_time = 1;
+        return 1;
     }
-    size_t rest = run->pending.length - (size_t)(line - run->pending.data);
-    memmove(run->pending.data, line, rest);
-    run->pending.length = rest;
-    run->pending.data[rest] = 0;
+    if (!run->reader.output_started && now - run->last_event_ms >= HEARTBEAT_MS) {
+        pb_event event = run->reader.has_progress ? run->reader.progress : (pb_event){.type = PB_EVENT_PROGRESS};
+        emit(run, &event);
+    }
     return 0;
 }
 
@@ -754,41 +681,56 @@ static json_value *parse_generation_request(const char *request_json, int *is_co
     return request;
 }
 
-static pb_status llama_run_create(pb_model *model, const char *request_json, pb_run **out_run, char *error,
-                                  size_t error_size) {
+static pb_status llama_run_create_with_inputs(pb_model *model, const char *request_json,
+                                              const pb_byte_input *const *inputs, size_t input_count,
+                                              pb_run **out_run, char *error, size_t error_size) {
     int is_completion;
     json_value *request = parse_generation_request(request_json, &is_completion, error, error_size);
     if (!request) return PB_ERR_INVALID_REQUEST;
-    pb_run *run = calloc(1, sizeof *run);
-    run->model = model;
-    run->is_completion = is_completion;
-    run->body = build_body(request, is_completion);
-    run->stream = upstream_stream_create();
+    pb_status status = PB_OK;
+    char *body = request_build_body(request, is_completion, inputs, inputs ? input_count : 0, &status, error,
+                                    error_size);
+    int64_t max_tokens = (int64_t)json_get_number(request, "max_tokens", -1);
+    int64_t max_wall_ms = (int64_t)json_get_number(request, "max_wall_ms", 0);
     json_free(request);
-    if (!run->body || !run->stream) {
+    if (!body) return status;
+    pb_run *run = calloc(1, sizeof *run);
+    upstream_stream *stream = run ? upstream_stream_create() : NULL;
+    if (!stream) {
         plugin_set_error(error, error_size, "Out of memory.");
-        upstream_stream_destroy(run->stream);
-        free(run->body);
         free(run);
+        free(body);
         return PB_ERR_OUT_OF_MEMORY;
     }
-    jb_init(&run->pending);
+    run->model = model;
+    run->stream = stream;
+    run->body = body;
+    run->is_completion = is_completion;
+    run->max_tokens = max_tokens;
+    run->max_wall_ms = max_wall_ms > 0 ? max_wall_ms : 0;
+    sse_reader_init(&run->reader, is_completion, emit_for_reader, run);
     jb_init(&run->error_body);
     *out_run = run;
     return PB_OK;
 }
 
+static pb_status llama_run_create(pb_model *model, const char *request_json, pb_run **out_run, char *error,
+                                  size_t error_size) {
+    return llama_run_create_with_inputs(model, request_json, NULL, 0, out_run, error, error_size);
+}
+
 static void llama_run_execute(pb_run *run, const pb_event_sink *sink) {
+    if (!sink || !PB_HAS(sink, on_event) || !sink->on_event) return; /* nowhere to deliver anything */
     run->sink = sink;
+    run->started_ms = run->last_event_ms = plugin_now_ms();
     if (upstream_stream_cancelled(run->stream)) {
-        pb_event finish = {.type = PB_EVENT_FINISH, .finish_reason = PB_FINISH_CANCELLED};
-        emit(run, &finish);
+        emit_finish(run, PB_FINISH_CANCELLED, NULL);
         return;
     }
     char base_url[64], message[2048];
     pb_status status = ensure_child(run->model, base_url, sizeof base_url, message, sizeof message);
     if (status != PB_OK) {
-        emit_error(run, status, message);
+        emit_error(run, status, message, 0);
         return;
     }
     char url[128];
@@ -796,38 +738,53 @@ static void llama_run_execute(pb_run *run, const pb_event_sink *sink) {
     plugin_log(g_host, PB_LOG_DEBUG, "POST %s %s", url, run->body);
     long http_status = 0;
     char transfer_error[256] = "";
-    upstream_result result = upstream_stream_run(run->stream, url, run->model->api_key, run->body, on_stream_data, run,
-                                                 &http_status, transfer_error, sizeof transfer_error);
+    upstream_result result = upstream_stream_run(run->stream, url, run->model->api_key, run->body, on_stream_data,
+                                                 on_stream_tick, run, &http_status, transfer_error,
+                                                 sizeof transfer_error);
     if (run->ended) return; /* an error arrived in the stream */
     switch (result) {
-    case UPSTREAM_CANCELLED: {
-        pb_event finish = {.type = PB_EVENT_FINISH, .finish_reason = PB_FINISH_CANCELLED};
-        emit(run, &finish);
+    case UPSTREAM_CANCELLED:
+        emit_finish(run, PB_FINISH_CANCELLED, NULL);
         return;
-    }
+    case UPSTREAM_TIMED_OUT:
+        plugin_set_error(message, sizeof message, "llama-server did not answer in time (%s).", transfer_error);
+        emit_error(run, PB_ERR_TIMED_OUT, message, DEFAULT_RETRY_AFTER_MS);
+        return;
     case UPSTREAM_FAILED:
         describe_lost_connection(run->model, transfer_error, message, sizeof message);
-        emit_error(run, PB_ERR_ENGINE_UNAVAILABLE, message);
+        emit_error(run, PB_ERR_ENGINE_UNAVAILABLE, message, 0);
         return;
     case UPSTREAM_ABORTED:
+        if (run->out_of_time) {
+            emit_finish(run, PB_FINISH_TIME_LIMIT, NULL);
+            return;
+        }
+        if (run->reader.pending.failed) {
+            emit_error(run, PB_ERR_OUT_OF_MEMORY, "Out of memory while reading llama-server's reply.", 0);
+            return;
+        }
+        break; /* a non-200 reply long enough to explain itself */
     case UPSTREAM_COMPLETED:
         break;
     }
     if (http_status != 200) {
-        status = map_upstream_error(http_status, run->error_body.data, message, sizeof message);
-        emit_error(run, status, message);
+        uint32_t retry_after_ms;
+        status = map_upstream_error(http_status, run->error_body.data, upstream_stream_retry_after_ms(run->stream),
+                                    message, sizeof message, &retry_after_ms);
+        emit_error(run, status, message, retry_after_ms);
         return;
     }
-    if (run->has_timings) emit(run, &run->timings);
-    pb_event finish = {.type = PB_EVENT_FINISH, .finish_reason = run->finish ? run->finish : PB_FINISH_STOP};
-    emit(run, &finish);
+    if (run->reader.has_timings) emit(run, &run->reader.timings);
+    const char *stop_sequence;
+    pb_finish_reason finish = sse_reader_finish(&run->reader, run->max_tokens, run->max_wall_ms > 0, &stop_sequence);
+    emit_finish(run, finish, stop_sequence);
 }
 
 static void llama_run_cancel(pb_run *run) { upstream_stream_cancel(run->stream); }
 
 static void llama_run_destroy(pb_run *run) {
     upstream_stream_destroy(run->stream);
-    jb_free(&run->pending);
+    sse_reader_free(&run->reader);
     jb_free(&run->error_body);
     free(run->body);
     free(run);
@@ -844,18 +801,24 @@ static pb_status post_json(pb_model *model, const char *path, const char *body, 
     json_buffer reply;
     jb_init(&reply);
     char transfer_error[256];
-    long http_status = upstream_request(url, model->api_key, body, 60000, &reply, transfer_error, sizeof transfer_error);
-    if (http_status == 0) {
+    upstream_reply_info info;
+    long http_status = upstream_request(url, model->api_key, body, POST_TIMEOUT_MS, &reply, &info, transfer_error,
+                                        sizeof transfer_error);
+    uint32_t retry_after_ms; /* these calls return only a status: the host chooses when to retry */
+    if (http_status == 0 && info.timed_out) {
+        plugin_set_error(error, error_size, "llama-server did not answer %s within %d s.", path, POST_TIMEOUT_MS / 1000);
+        status = PB_ERR_TIMED_OUT;
+    } else if (http_status == 0) {
         describe_lost_connection(model, transfer_error, error, error_size);
         status = PB_ERR_ENGINE_UNAVAILABLE;
     } else if (http_status != 200) {
-        status = map_upstream_error(http_status, reply.data, error, error_size);
+        status = map_upstream_error(http_status, reply.data, info.retry_after_ms, error, error_size, &retry_after_ms);
     } else if (!(*out = json_parse(reply.data))) {
         plugin_set_error(error, error_size, "llama-server sent an unreadable reply to %s.", path);
         status = PB_ERR_INTERNAL;
     }
     jb_free(&reply);
-    return status;
+    return status_for_host(status, host_minor());
 }
 
 static pb_status llama_count_tokens(pb_model *model, const char *request_json, int64_t *out_count, char *error,
@@ -940,6 +903,26 @@ static pb_status llama_embed(pb_model *model, const char *text, size_t text_len,
     return PB_OK;
 }
 
+/* ─── Probe and shutdown ───────────────────────────────────────────────── */
+
+/* GGUF is the one format llama-server loads: the magic is the whole answer (gguf.c). */
+static int32_t llama_probe(const char *model_path, char *detail, size_t detail_size) {
+    return gguf_probe(model_path, detail, detail_size);
+}
+
+static int g_curl_ready;
+static atomic_int g_shut_down;
+
+static void init_curl(void) { g_curl_ready = upstream_global_init(); }
+
+/* After every model was unloaded: no child, no transfer is left, so libcurl's global state can go. */
+static void llama_shutdown(void) {
+    if (atomic_exchange(&g_shut_down, 1)) return;
+    if (g_curl_ready) upstream_global_cleanup();
+    g_curl_ready = 0;
+    child_spawner_shutdown();
+}
+
 /* ─── The table ────────────────────────────────────────────────────────── */
 
 static const pb_plugin_api llama_server_api = {
@@ -961,12 +944,18 @@ static const pb_plugin_api llama_server_api = {
     .run_destroy = llama_run_destroy,
     .count_tokens = llama_count_tokens,
     .embed = llama_embed,
+    .flags = 0, /* one transfer per run, each on the host's thread: on_event may block */
+    .probe = llama_probe,
+    .run_create_with_inputs = llama_run_create_with_inputs,
+    .shutdown = llama_shutdown,
 };
 
 PB_EXPORT const pb_plugin_api *pb_plugin_entry(const pb_host_api *host) {
     if (!host || host->abi_major != PB_ABI_VERSION_MAJOR) return NULL;
     g_host = host;
-    if (!upstream_global_init()) {
+    static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
+    pthread_once(&curl_once, init_curl);
+    if (!g_curl_ready) {
         plugin_log(g_host, PB_LOG_ERROR, "libcurl could not be initialised");
         return NULL;
     }

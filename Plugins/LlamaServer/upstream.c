@@ -1,12 +1,54 @@
 #include "upstream.h"
 
 #include <curl/curl.h>
+#include <ctype.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <time.h>
 
 int upstream_global_init(void) { return curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK; }
+
+void upstream_global_cleanup(void) { curl_global_cleanup(); }
+
+/* ─── Retry-After ───────────────────────────────────────────────────────── */
+
+/* Longer waits than this are not advice a client can use; clamp them. */
+#define MAX_RETRY_AFTER_MS (3600u * 1000u)
+
+/* A Retry-After value: delay-seconds, or an HTTP date (RFC 9110 §10.2.3). 0 when unreadable. */
+static uint32_t parse_retry_after(const char *value) {
+    while (*value == ' ' || *value == '\t') value++;
+    double ms;
+    if (isdigit((unsigned char)*value)) {
+        ms = strtod(value, NULL) * 1000.0;
+    } else {
+        time_t when = curl_getdate(value, NULL);
+        if (when < 0) return 0;
+        ms = difftime(when, time(NULL)) * 1000.0;
+    }
+    if (ms <= 0) return 0;
+    return ms > MAX_RETRY_AFTER_MS ? MAX_RETRY_AFTER_MS : (uint32_t)ms;
+}
+
+/* CURLOPT_HEADERFUNCTION: picks Retry-After out of the reply's headers (one header per call). */
+static size_t read_header(char *bytes, size_t size, size_t count, void *user) {
+    uint32_t *retry_after_ms = user;
+    size_t length = size * count;
+    static const char name[] = "retry-after:";
+    if (length > 5 && strncmp(bytes, "HTTP/", 5) == 0) *retry_after_ms = 0; /* a new reply (after a redirect or 1xx) */
+    if (length > sizeof name - 1 && length < 256 && strncasecmp(bytes, name, sizeof name - 1) == 0) {
+        char value[256];
+        memcpy(value, bytes + sizeof name - 1, length - (sizeof name - 1));
+        size_t n = length - (sizeof name - 1);
+        while (n > 0 && isspace((unsigned char)value[n - 1])) n--; /* the header's CRLF */
+        value[n] = 0;
+        *retry_after_ms = parse_retry_after(value);
+    }
+    return length;
+}
 
 static struct curl_slist *headers_for(const char *api_key, int has_body) {
     char auth[300];
@@ -42,7 +84,10 @@ static size_t collect(char *bytes, size_t size, size_t count, void *user) {
 }
 
 long upstream_request(const char *url, const char *api_key, const char *body, long timeout_ms,
-                      json_buffer *out, char *error, size_t error_size) {
+                      json_buffer *out, upstream_reply_info *info, char *error, size_t error_size) {
+    upstream_reply_info ignored;
+    if (!info) info = &ignored;
+    *info = (upstream_reply_info){0};
     CURL *easy = curl_easy_init();
     if (!easy) {
         snprintf(error, error_size, "curl_easy_init failed");
@@ -53,11 +98,17 @@ long upstream_request(const char *url, const char *api_key, const char *body, lo
     curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, timeout_ms);
     curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, collect);
     curl_easy_setopt(easy, CURLOPT_WRITEDATA, out);
+    curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, read_header);
+    curl_easy_setopt(easy, CURLOPT_HEADERDATA, &info->retry_after_ms);
     jb_clear(out);
     long status = 0;
     CURLcode code = curl_easy_perform(easy);
-    if (code == CURLE_OK) curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
-    else snprintf(error, error_size, "%s", curl_easy_strerror(code));
+    if (code == CURLE_OK) {
+        curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
+    } else {
+        info->timed_out = code == CURLE_OPERATION_TIMEDOUT;
+        snprintf(error, error_size, "%s", curl_easy_strerror(code));
+    }
     curl_slist_free_all(headers);
     curl_easy_cleanup(easy);
     return status;
@@ -72,6 +123,7 @@ struct upstream_stream {
     void *context;
     CURL *easy;
     int aborted;
+    uint32_t retry_after_ms;
 };
 
 upstream_stream *upstream_stream_create(void) {
@@ -110,9 +162,11 @@ static size_t deliver(char *bytes, size_t size, size_t count, void *user) {
     return size * count;
 }
 
+uint32_t upstream_stream_retry_after_ms(const upstream_stream *stream) { return stream->retry_after_ms; }
+
 upstream_result upstream_stream_run(upstream_stream *stream, const char *url, const char *api_key, const char *body,
-                                    upstream_on_data on_data, void *context, long *http_status,
-                                    char *error, size_t error_size) {
+                                    upstream_on_data on_data, upstream_on_tick on_tick, void *context,
+                                    long *http_status, char *error, size_t error_size) {
     *http_status = 0;
     if (atomic_load(&stream->cancelled)) return UPSTREAM_CANCELLED;
     CURL *easy = curl_easy_init();
@@ -124,6 +178,8 @@ upstream_result upstream_stream_run(upstream_stream *stream, const char *url, co
     configure(easy, url, headers, body);
     curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, deliver);
     curl_easy_setopt(easy, CURLOPT_WRITEDATA, stream);
+    curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, read_header);
+    curl_easy_setopt(easy, CURLOPT_HEADERDATA, &stream->retry_after_ms);
     stream->easy = easy;
     stream->on_data = on_data;
     stream->context = context;
@@ -131,7 +187,7 @@ upstream_result upstream_stream_run(upstream_stream *stream, const char *url, co
 
     CURLcode code = CURLE_OK;
     int finished = 0;
-    while (!finished && !atomic_load(&stream->cancelled)) {
+    while (!finished && !stream->aborted && !atomic_load(&stream->cancelled)) {
         int running = 0;
         if (curl_multi_perform(stream->multi, &running) != CURLM_OK) {
             code = CURLE_FAILED_INIT;
@@ -145,7 +201,12 @@ upstream_result upstream_stream_run(upstream_stream *stream, const char *url, co
                 finished = 1;
             }
         }
-        if (!finished && running) curl_multi_poll(stream->multi, NULL, 0, 1000, NULL);
+        if (finished) break;
+        if (on_tick && on_tick(context) != 0) {
+            stream->aborted = 1;
+            break;
+        }
+        if (running) curl_multi_poll(stream->multi, NULL, 0, UPSTREAM_TICK_MS, NULL);
     }
     curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, http_status);
     /* Removing and cleaning up the handle closes its connection (reuse is forbidden). */
@@ -158,7 +219,7 @@ upstream_result upstream_stream_run(upstream_stream *stream, const char *url, co
     if (stream->aborted) return UPSTREAM_ABORTED;
     if (code != CURLE_OK) {
         snprintf(error, error_size, "%s", curl_easy_strerror(code));
-        return UPSTREAM_FAILED;
+        return code == CURLE_OPERATION_TIMEDOUT ? UPSTREAM_TIMED_OUT : UPSTREAM_FAILED;
     }
     return UPSTREAM_COMPLETED;
 }
