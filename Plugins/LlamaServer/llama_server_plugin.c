@@ -335,8 +335,9 @@ static void describe_lost_connection(pb_model *model, const char *transfer_error
 
 /* ─── Runs ─────────────────────────────────────────────────────────────── */
 
-/* While a run has no output yet, a heartbeat progress event at least this often (patchbay.h, run_execute). */
-#define HEARTBEAT_MS 1000
+/* While a run has no output yet, a progress event at least every second (patchbay.h, run_execute):
+ * ticks come every UPSTREAM_TICK_MS, so a heartbeat goes out once this long has passed silently. */
+#define HEARTBEAT_MS (1000 - UPSTREAM_TICK_MS)
 
 struct pb_run {
     pb_model *model;
