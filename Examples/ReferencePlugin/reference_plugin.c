@@ -494,7 +494,8 @@ struct pb_run {
     piece next;
     int has_next;
     json_buffer scratch;  /* text of `next` when the run composes it (images, segments) */
-    json_buffer emitted;  /* content so far, for stop sequences */
+    json_buffer content;  /* with stop sequences: the content so far, */
+    size_t content_sent;  /* and how much of it the client has */
     pb_finish_reason finish; /* 0 while the run goes on */
     const char *matched_stop;
     double started, wall_deadline, first_token_at;
@@ -561,7 +562,7 @@ static void free_run(pb_run *run) {
     free(run->images);
     free(run->language);
     jb_free(&run->scratch);
-    jb_free(&run->emitted);
+    jb_free(&run->content);
     pthread_cond_destroy(&run->done);
     pthread_cond_destroy(&run->wake);
     pthread_mutex_destroy(&run->lock);
@@ -679,7 +680,7 @@ static pb_status ref_run_create_with_inputs(pb_model *model, const char *request
     pthread_cond_init(&run->wake, NULL);
     pthread_cond_init(&run->done, NULL);
     jb_init(&run->scratch);
-    jb_init(&run->emitted);
+    jb_init(&run->content);
     run->max_wall_ms = model->ignore_wall_limit ? 0 : json_get_number(request, "max_wall_ms", 0);
     pb_status status = PB_OK;
 
@@ -756,6 +757,13 @@ static void emit_text(const pb_event_sink *sink, pb_event_type type, const char 
     emit(sink, &e);
 }
 
+/* Sends the content from where the client has it up to `end`. */
+static void send_content_up_to(pb_run *run, const pb_event_sink *sink, size_t end) {
+    if (end <= run->content_sent) return;
+    emit_text(sink, PB_EVENT_CONTENT_DELTA, run->content.data + run->content_sent, end - run->content_sent);
+    run->content_sent = end;
+}
+
 /* Prompt processing progress: a 1.1 event, so a 1.0 host gets silence instead. */
 static void emit_progress(pb_run *run, const pb_event_sink *sink, double now) {
     if (!host_speaks_1_1()) return;
@@ -791,6 +799,8 @@ static void end_run(pb_run *run, const pb_event_sink *sink, pb_finish_reason fin
     pb_model *m = run->model;
     double ended = plugin_now_ms();
     if (!run->first_token_at) run->first_token_at = ended;
+    /* Text held back for a stop sequence that never came is the model's, and goes out. */
+    if (finish != PB_FINISH_STOP_SEQUENCE && run->stop_count > 0) send_content_up_to(run, sink, run->content.length);
     pb_event usage = { 0 };
     usage.type = PB_EVENT_USAGE;
     usage.prompt_tokens = run->prompt_tokens;
@@ -959,32 +969,53 @@ static int prepare_next(pb_run *run) {
     }
 }
 
-/* Sends content, holding back what a stop sequence cuts off. Returns 1 if a stop matched. */
+/* The longest end of the content so far that some stop sequence starts with. */
+static size_t stop_prefix_at_end(const pb_run *run) {
+    const char *data = run->content.data;
+    size_t len = run->content.length, longest = 0;
+    for (size_t i = 0; i < run->stop_count; i++) {
+        size_t k = strlen(run->stops[i]) - 1;
+        if (k > len) k = len;
+        for (; k > longest; k--) {
+            if (!memcmp(data + len - k, run->stops[i], k)) { longest = k; break; }
+        }
+    }
+    return longest;
+}
+
+/*
+ * Sends a piece of content. With stop sequences, text that may be the start of
+ * one is held back until the next tokens tell, so that no part of a matched
+ * stop string ever reaches the client (a word-sized token may hold only the
+ * first letters of a stop). Returns 1 when a stop sequence matched.
+ */
 static int send_content(pb_run *run, const pb_event_sink *sink, const char *text, size_t len) {
     if (run->stop_count == 0) {
         emit_text(sink, PB_EVENT_CONTENT_DELTA, text, len);
         return 0;
     }
-    size_t before = run->emitted.length;
-    jb_append(&run->emitted, text, len);
-    if (run->emitted.failed) {
+    size_t before = run->content.length;
+    jb_append(&run->content, text, len);
+    if (run->content.failed) {
+        /* Out of memory: send what is held back and this piece, and stop looking for stops. */
+        send_content_up_to(run, sink, before);
         emit_text(sink, PB_EVENT_CONTENT_DELTA, text, len);
+        run->stop_count = 0;
         return 0;
     }
     /* Only a match that ends in the new text is new; it may start in earlier text. */
     size_t from = before + 1 > run->longest_stop ? before + 1 - run->longest_stop : 0;
     const char *first = NULL;
     for (size_t i = 0; i < run->stop_count; i++) {
-        const char *hit = strstr(run->emitted.data + from, run->stops[i]);
+        const char *hit = strstr(run->content.data + from, run->stops[i]);
         if (hit && (!first || hit < first)) { first = hit; run->matched_stop = run->stops[i]; }
     }
-    if (!first) {
-        emit_text(sink, PB_EVENT_CONTENT_DELTA, text, len);
-        return 0;
+    if (first) {
+        send_content_up_to(run, sink, (size_t)(first - run->content.data));
+        return 1;
     }
-    size_t keep = (size_t)(first - run->emitted.data);
-    if (keep > before) emit_text(sink, PB_EVENT_CONTENT_DELTA, text, keep - before);
-    return 1;
+    send_content_up_to(run, sink, run->content.length - stop_prefix_at_end(run));
+    return 0;
 }
 
 /* Sends run->next. A stop sequence ends the run (run->finish). */
