@@ -10,12 +10,15 @@ public struct APIError: Error, Sendable, Equatable {
     public var param: String?
     /// A machine-readable code (OpenAI's `code`), e.g. `model_not_found`.
     public var code: String?
+    /// When the client may try again (the `Retry-After` header), for 429 and 503.
+    public var retryAfterSeconds: Int?
 
-    public init(status: Int, message: String, param: String? = nil, code: String? = nil) {
+    public init(status: Int, message: String, param: String? = nil, code: String? = nil, retryAfterSeconds: Int? = nil) {
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.retryAfterSeconds = retryAfterSeconds
     }
 
     public static func invalidRequest(_ message: String, param: String? = nil, code: String? = nil) -> APIError {
@@ -55,7 +58,7 @@ public struct APIError: Error, Sendable, Equatable {
         case 404: "not_found_error"
         case 413: "request_too_large"
         case 429: "rate_limit_error"
-        case 529: "overloaded_error"
+        case 503, 529: "overloaded_error"
         case 400..<500: "invalid_request_error"
         default: "api_error"
         }

@@ -43,14 +43,16 @@ public struct AnthropicStreamEncoder: EventStreamEncoder {
             }
         case .usage(let usage):
             self.usage = usage
-        case .timings:
+        case .timings, .progress, .segment, .language:
             break
         case .finish(let reason):
             closeBlock(into: &out)
             Self.event("message_delta", into: &out) { json in
                 json.raw("{\"type\":\"message_delta\",\"delta\":{\"stop_reason\":")
                 json.string(reason.anthropicName)
-                json.raw(",\"stop_sequence\":null},\"usage\":{\"input_tokens\":")
+                json.raw(",\"stop_sequence\":")
+                json.optionalString(reason.stopSequence)
+                json.raw("},\"usage\":{\"input_tokens\":")
                 json.int(usage.promptTokens)
                 json.raw(",\"output_tokens\":")
                 json.int(usage.completionTokens)
@@ -177,7 +179,9 @@ extension ChatCompletionAccumulator {
         }
         json.raw("],\"stop_reason\":")
         json.string((finishReason ?? .stop).anthropicName)
-        json.raw(",\"stop_sequence\":null,\"usage\":{\"input_tokens\":")
+        json.raw(",\"stop_sequence\":")
+        json.optionalString(finishReason?.stopSequence)
+        json.raw(",\"usage\":{\"input_tokens\":")
         json.int(usage.promptTokens)
         json.raw(",\"output_tokens\":")
         json.int(usage.completionTokens)

@@ -284,6 +284,7 @@ extension FinishReason {
         case .stop, .cancelled: "end_turn"
         case .length, .timeLimit: "max_tokens"
         case .toolCalls: "tool_use"
+        case .stopSequence: "stop_sequence"
         }
     }
 }

@@ -5,11 +5,14 @@
 public struct ChatCompletionStreamEncoder: EventStreamEncoder {
     private let prefix: [UInt8]
     private let includeUsage: Bool
+    private let includeProgress: Bool
     private var sentRole = false
     private var usage: Usage?
     private var startedToolCalls: Set<Int> = []
 
-    public init(id: String, created: Int, model: String, includeUsage: Bool) {
+    /// `includeProgress`: forward prompt processing progress as llama-server does for
+    /// `return_progress` (chunks with no choices and a `prompt_progress` object).
+    public init(id: String, created: Int, model: String, includeUsage: Bool, includeProgress: Bool = false) {
         var head = JSONWriter()
         head.raw("{\"id\":")
         head.string(id)
@@ -19,6 +22,7 @@ public struct ChatCompletionStreamEncoder: EventStreamEncoder {
         head.string(model)
         prefix = head.bytes
         self.includeUsage = includeUsage
+        self.includeProgress = includeProgress
     }
 
     /// Appends the SSE frames for `event` to `out`.
@@ -47,7 +51,20 @@ public struct ChatCompletionStreamEncoder: EventStreamEncoder {
             }
         case .usage(let usage):
             self.usage = usage
-        case .timings:
+        case .progress(let progress) where includeProgress:
+            var json = JSONWriter()
+            json.raw(prefix)
+            json.raw(",\"choices\":[],\"prompt_progress\":{\"total\":")
+            json.int(progress.total)
+            json.raw(",\"cache\":")
+            json.int(progress.cached)
+            json.raw(",\"processed\":")
+            json.int(progress.processed)
+            json.raw(",\"time_ms\":")
+            json.int(progress.elapsedMilliseconds)
+            json.raw("}}")
+            SSE.data(json.bytes, into: &out)
+        case .timings, .progress, .segment, .language:
             break
         case .finish(let reason):
             var json = JSONWriter()
@@ -118,7 +135,7 @@ public struct ChatCompletionAccumulator: Sendable {
                 toolCalls.append(delta)
             }
         case .usage(let usage): self.usage = usage
-        case .timings: break
+        case .timings, .progress, .segment, .language: break
         case .finish(let reason): finishReason = reason
         case .error(let error): self.error = error
         }

@@ -31,6 +31,8 @@ public struct ChatCompletionRequest: Decodable, Sendable {
     public var preserveThinking: Bool?
     public var sessionID: String?
     public var cancelID: String?
+    /// llama-server's extension: stream prompt processing progress as `prompt_progress` chunks.
+    public var returnProgress: Bool?
 
     public struct StreamOptions: Decodable, Sendable {
         public var includeUsage: Bool?
@@ -57,6 +59,7 @@ public struct ChatCompletionRequest: Decodable, Sendable {
         case preserveThinking = "preserve_thinking"
         case sessionID = "session_id"
         case cancelID = "cancel_id"
+        case returnProgress = "return_progress"
     }
 
     public var isStreaming: Bool { stream ?? false }

@@ -100,7 +100,7 @@ public struct CompletionStreamEncoder: EventStreamEncoder {
         }
         switch event {
         case .content(let text): chunk(text, finish: nil, into: &out)
-        case .reasoning, .toolCall, .timings: break
+        case .reasoning, .toolCall, .timings, .progress, .segment, .language: break
         case .usage(let usage): self.usage = usage
         case .finish(let reason):
             chunk("", finish: reason, into: &out)

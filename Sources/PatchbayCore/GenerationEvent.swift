@@ -5,6 +5,12 @@ public enum GenerationEvent: Sendable, Equatable {
     case toolCall(ToolCallDelta)
     case usage(Usage)
     case timings(Timings)
+    /// Prompt processing is under way (no output yet); keeps the client's connection alive.
+    case progress(PromptProgress)
+    /// A transcribed piece of audio.
+    case segment(TranscriptSegment)
+    /// The language a transcription used or detected, with the detector's confidence (0 when not said).
+    case language(String, probability: Double)
     /// Terminal.
     case finish(FinishReason)
     /// Terminal.
@@ -20,15 +26,53 @@ public enum GenerationEvent: Sendable, Equatable {
 
 public enum FinishReason: Sendable, Equatable {
     case stop, length, toolCalls, cancelled, timeLimit
+    /// A stop string matched; the string.
+    case stopSequence(String)
 
     /// OpenAI's `finish_reason`. A cancelled run ends as "stop", as the reference does;
-    /// the wall-clock cap truncates, so it reads as "length".
+    /// the wall-clock cap truncates, so it reads as "length"; OpenAI has no name of its
+    /// own for a stop sequence.
     public var openAIName: String {
         switch self {
-        case .stop, .cancelled: "stop"
+        case .stop, .cancelled, .stopSequence: "stop"
         case .length, .timeLimit: "length"
         case .toolCalls: "tool_calls"
         }
+    }
+
+    /// The stop string that ended the generation, if one did.
+    public var stopSequence: String? {
+        if case .stopSequence(let text) = self { text } else { nil }
+    }
+}
+
+/// How far prompt processing has come, in tokens (llama-server's `prompt_progress`).
+public struct PromptProgress: Sendable, Equatable {
+    public var processed: Int
+    public var total: Int
+    /// Tokens reused from a cache rather than processed.
+    public var cached: Int
+    /// Milliseconds since the run started, stamped by the host.
+    public var elapsedMilliseconds: Int
+
+    public init(processed: Int, total: Int, cached: Int = 0, elapsedMilliseconds: Int = 0) {
+        self.processed = processed
+        self.total = total
+        self.cached = cached
+        self.elapsedMilliseconds = elapsedMilliseconds
+    }
+}
+
+/// One timed piece of a transcription.
+public struct TranscriptSegment: Sendable, Equatable {
+    public var startMilliseconds: Int
+    public var endMilliseconds: Int
+    public var text: String
+
+    public init(startMilliseconds: Int, endMilliseconds: Int, text: String) {
+        self.startMilliseconds = startMilliseconds
+        self.endMilliseconds = endMilliseconds
+        self.text = text
     }
 }
 

@@ -1,7 +1,9 @@
+import Foundation
+
 /// The one request shape every plugin receives, whatever dialect the client spoke.
 /// Its JSON form is documented in patchbay.h.
 public struct NormalizedRequest: Sendable {
-    public enum Kind: String, Sendable { case chat, completion }
+    public enum Kind: String, Sendable { case chat, completion, transcription }
 
     public var kind: Kind
     public var messages: [JSONValue] = []
@@ -15,6 +17,11 @@ public struct NormalizedRequest: Sendable {
     public var parallelToolCalls: Bool?
     public var responseFormat: JSONValue?
     public var chatTemplateKwargs: JSONValue?
+    /// Bytes handed to the plugin beside the JSON (ABI 1.1), referred to by name.
+    public var inputs: [ByteInput] = []
+    /// Kind "transcription": the name of the input holding the audio, and the language (nil = detect).
+    public var audioInput: String?
+    public var language: String?
 
     public init(kind: Kind, maxTokens: Int, maxWallMilliseconds: Int) {
         self.kind = kind
@@ -27,6 +34,10 @@ public struct NormalizedRequest: Sendable {
         switch kind {
         case .chat: members.append(("messages", .array(messages)))
         case .completion: members.append(("prompt", .string(prompt ?? "")))
+        case .transcription:
+            members.append(("audio", .object([("input", .string(audioInput ?? ""))])))
+            if let language { members.append(("language", .string(language))) }
+            if let prompt { members.append(("prompt", .string(prompt))) }
         }
         members.append(("max_tokens", .int(Int64(maxTokens))))
         members.append(("max_wall_ms", .int(Int64(maxWallMilliseconds))))
@@ -43,7 +54,39 @@ public struct NormalizedRequest: Sendable {
     /// Whether any message carries an image part.
     public var hasImage: Bool {
         messages.contains { message in
-            message["content"]?.arrayValue?.contains { $0["type"]?.stringValue == "image_url" } ?? false
+            message["content"]?.arrayValue?.contains { ["image_url", "image"].contains($0["type"]?.stringValue) } ?? false
+        }
+    }
+
+    /// Turns every image given as a base64 `data:` URL into a byte input, and its part into
+    /// `{"type":"image","image":{"input":NAME}}`, for a plugin that takes byte inputs (so no
+    /// base64 crosses the plugin ABI). Other URLs are left as they are. A malformed data URL is a 400.
+    public mutating func moveImagesToByteInputs() throws(APIError) {
+        for (messageIndex, message) in messages.enumerated() {
+            guard case .object(var members) = message,
+                  let contentIndex = members.firstIndex(where: { $0.key == "content" }),
+                  case .array(var parts) = members[contentIndex].value else { continue }
+            var changed = false
+            for (partIndex, part) in parts.enumerated() {
+                guard part["type"]?.stringValue == "image_url", let url = part["image_url"]?["url"]?.stringValue,
+                      url.hasPrefix("data:") else { continue }
+                let param = "messages[\(messageIndex)].content[\(partIndex)].image_url.url"
+                guard let comma = url.firstIndex(of: ","), url[..<comma].hasSuffix(";base64"),
+                      let bytes = Data(base64Encoded: String(url[url.index(after: comma)...]), options: .ignoreUnknownCharacters)
+                else {
+                    throw .invalidRequest("The image is not a valid base64 data URL (data:<type>;base64,<data>).", param: param,
+                                          code: "invalid_image")
+                }
+                let mediaType = String(url[url.index(url.startIndex, offsetBy: 5)..<comma].dropLast(";base64".count))
+                let name = "image-\(inputs.count)"
+                inputs.append(ByteInput(name: name, mediaType: mediaType, bytes: [UInt8](bytes)))
+                parts[partIndex] = .object([("type", .string("image")), ("image", .object([("input", .string(name))]))])
+                changed = true
+            }
+            if changed {
+                members[contentIndex].value = .array(parts)
+                messages[messageIndex] = .object(members)
+            }
         }
     }
 }
@@ -94,5 +137,20 @@ public struct Sampling: Sendable {
         if let frequencyPenalty { members.append(("frequency_penalty", .double(frequencyPenalty))) }
         if let seed { members.append(("seed", .int(seed))) }
         return members
+    }
+}
+
+/// A named buffer handed to a run beside its JSON request (audio, an image); the JSON
+/// refers to it as `{"input": name}`. Bytes never cross the plugin ABI as base64.
+public struct ByteInput: Sendable, Equatable {
+    public var name: String
+    /// MIME type, e.g. `audio/wav`; empty when unknown.
+    public var mediaType: String
+    public var bytes: [UInt8]
+
+    public init(name: String, mediaType: String, bytes: [UInt8]) {
+        self.name = name
+        self.mediaType = mediaType
+        self.bytes = bytes
     }
 }

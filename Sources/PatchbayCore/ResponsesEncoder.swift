@@ -48,7 +48,7 @@ public struct ResponseState: Sendable {
         case .usage(let usage):
             self.usage = usage
             return nil
-        case .timings:
+        case .timings, .progress, .segment, .language:
             return nil
         case .finish(let reason):
             finish = reason
@@ -190,7 +190,7 @@ public struct ResponsesStreamEncoder: EventStreamEncoder {
                 final.render(into: &$0)
             }
             return
-        case .usage, .timings:
+        case .usage, .timings, .progress, .segment, .language:
             state.add(event)
             return
         }

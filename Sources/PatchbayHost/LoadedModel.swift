@@ -12,6 +12,8 @@ public final class LoadedModel: Sendable {
     /// Effective context length in tokens; nil when the plugin does not know.
     public let contextLength: Int?
     public let capabilities: Capabilities
+    /// The rest of what the plugin told about the model (ABI 1.1's model info).
+    public let details: ModelDetails
     public let loadedAt: Date
     nonisolated(unsafe) let handle: OpaquePointer
 
@@ -29,10 +31,13 @@ public final class LoadedModel: Sendable {
         self.modelPath = modelPath
         self.plugin = plugin
         self.handle = handle
+        // The plugin fills the fields inside the size this host declares; a 1.0 plugin
+        // leaves the 1.1 fields as the zeroes they start as.
         var info = pb_model_info()
         info.struct_size = UInt32(MemoryLayout<pb_model_info>.size)
-        plugin.api.pointee.model_info(handle, &info)
+        plugin.table.model_info(handle, &info)
         contextLength = info.context_length > 0 ? Int(info.context_length) : nil
+        details = ModelDetails(info)
         // A model can narrow its plugin's capabilities (vision only with a projector), never widen them.
         let modelCapabilities = info.capabilities == 0 ? plugin.capabilities : Capabilities(rawValue: info.capabilities)
         capabilities = modelCapabilities.intersection(plugin.capabilities)
@@ -40,22 +45,49 @@ public final class LoadedModel: Sendable {
     }
 
     /// Creates a run for a normalized request. Cheap; the engine starts in `Run.start()`.
+    /// Byte inputs go to plugins that take them; for the others, images stay `data:` URLs.
     public func createRun(_ request: NormalizedRequest) throws(APIError) -> Run {
-        let json = request.json.jsonString
-        let runID = try runState.withLock { state throws(APIError) -> UInt64 in
-            guard state.accepting else { throw .notFound("Model '\(id)' is being unloaded.", code: "model_not_found") }
-            state.nextRunID += 1
-            return state.nextRunID
+        var request = request
+        var inputs: ByteInputStorage?
+        if plugin.acceptsByteInputs {
+            try request.moveImagesToByteInputs()
+            inputs = ByteInputStorage(request.inputs)
+        } else if !request.inputs.isEmpty {
+            throw .invalidRequest("The backend '\(plugin.name)' of model '\(id)' does not accept audio or file inputs.",
+                                  param: "model", code: "unsupported_capability")
         }
+        let json = request.json.jsonString
+        // Recorded before the plugin sees the run, so an unload in between waits for it.
+        let runID = try beginCall()
         var handle: OpaquePointer?
         var error = [CChar](repeating: 0, count: 1024)
-        let status = plugin.api.pointee.run_create(self.handle, json, &handle, &error, error.count)
+        let status: pb_status
+        if let inputs, let createWithInputs = plugin.table.run_create_with_inputs {
+            status = createWithInputs(self.handle, json, inputs.pointers, inputs.count, &handle, &error, error.count)
+        } else {
+            status = plugin.table.run_create(self.handle, json, &handle, &error, error.count)
+        }
         guard status == Int32(PB_OK), let handle else {
+            runEnded(runID)
             throw APIError(pluginStatus: status, message: cMessage(error) ?? "the plugin refused the request")
         }
-        let run = Run(model: self, id: runID, handle: handle)
-        runState.withLock { $0.runs[runID] = WeakRun(run) }
+        let run = Run(model: self, id: runID, handle: handle, inputs: inputs)
+        let accepting = runState.withLock { state in
+            state.runs[runID] = WeakRun(run)
+            return state.accepting
+        }
+        if !accepting { run.cancel() }  // an unload began meanwhile: this run ends at once
         return run
+    }
+
+    /// Records a run or plugin call about to start, so the model is not released under it.
+    private func beginCall() throws(APIError) -> UInt64 {
+        try runState.withLock { state throws(APIError) -> UInt64 in
+            guard state.accepting else { throw .notFound("Model '\(id)' is being unloaded.", code: "model_not_found") }
+            state.nextRunID += 1
+            state.runs[state.nextRunID] = WeakRun(nil)
+            return state.nextRunID
+        }
     }
 
     func runEnded(_ runID: UInt64) {
@@ -99,12 +131,12 @@ public final class LoadedModel: Sendable {
 
     /// Releases the engine's model. Only once no run is alive; blocks while the plugin cleans up.
     func release() {
-        plugin.api.pointee.unload(handle)
+        plugin.table.unload(handle)
     }
 
     /// Counts tokens through the plugin's optional tokenize capability.
     public func countTokens(_ request: NormalizedRequest) async throws(APIError) -> Int {
-        guard let countTokens = plugin.api.pointee.count_tokens, capabilities.contains(.tokenize) else {
+        guard let countTokens = plugin.table.count_tokens, capabilities.contains(.tokenize) else {
             throw .invalidRequest("The backend '\(plugin.name)' of model '\(id)' cannot count tokens.", code: "unsupported_capability")
         }
         let json = request.json.jsonString
@@ -121,7 +153,7 @@ public final class LoadedModel: Sendable {
 
     /// Embeds one text through the plugin's optional embeddings capability.
     public func embed(_ text: String) async throws(APIError) -> [Float] {
-        guard let embed = plugin.api.pointee.embed, capabilities.contains(.embeddings) else {
+        guard let embed = plugin.table.embed, capabilities.contains(.embeddings) else {
             throw .invalidRequest("Model '\(id)' (backend '\(plugin.name)') does not support embeddings.",
                                   param: "model", code: "unsupported_capability")
         }
@@ -147,17 +179,33 @@ public final class LoadedModel: Sendable {
     /// A blocking plugin call on a thread of its own (a plugin may do I/O), tracked like a
     /// run so that an unload waits for it instead of freeing the model under it.
     private func pluginCall<T: Sendable>(name: String, _ body: @escaping @Sendable (OpaquePointer) throws(APIError) -> T) async throws(APIError) -> T {
-        let callID = try runState.withLock { state throws(APIError) -> UInt64 in
-            guard state.accepting else { throw .notFound("Model '\(id)' is being unloaded.", code: "model_not_found") }
-            state.nextRunID += 1
-            state.runs[state.nextRunID] = WeakRun(nil)
-            return state.nextRunID
-        }
+        let callID = try beginCall()
         defer { runEnded(callID) }
         let result: Result<T, APIError> = await onDedicatedThread(name: name) { [self] in
             Result { () throws(APIError) in try body(self.handle) }
         }
         return try result.get()
+    }
+}
+
+/// What a plugin says about a loaded model beyond its context length and capabilities;
+/// nil where the plugin does not know (a 1.0 plugin knows none of it).
+public struct ModelDetails: Sendable {
+    public var parallelSlots: Int?
+    public var embeddingDimensions: Int?
+    public var trainingContextLength: Int?
+    public var parameterCount: Int?
+    public var sizeBytes: UInt64?
+    public var architecture: String?
+
+    init(_ info: pb_model_info) {
+        func known<T: BinaryInteger>(_ value: T) -> Int? { value > 0 ? Int(value) : nil }
+        parallelSlots = known(info.parallel_slots)
+        embeddingDimensions = known(info.embedding_dimensions)
+        trainingContextLength = known(info.training_context_length)
+        parameterCount = known(info.parameter_count)
+        sizeBytes = info.size_bytes > 0 ? info.size_bytes : nil
+        architecture = info.architecture.map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
     }
 }
 

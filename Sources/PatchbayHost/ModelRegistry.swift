@@ -30,12 +30,15 @@ public final class ModelRegistry: Sendable {
     }
 
     public let plugins: PluginCatalog
+    /// Plugin names in order of preference, for a file several plugins can load.
+    public let backendPreference: [String]
     private let state = Mutex(State())
     private let logger: Logger
 
-    public init(plugins: PluginCatalog, logger: Logger) {
+    public init(plugins: PluginCatalog, logger: Logger, backendPreference: [String] = []) {
         self.plugins = plugins
         self.logger = logger
+        self.backendPreference = backendPreference
     }
 
     public var models: [LoadedModel] { state.withLock { $0.models } }
@@ -56,7 +59,10 @@ public final class ModelRegistry: Sendable {
         return model
     }
 
-    /// Resolves which plugin would serve `path` (an explicit `backend` wins over the file's extension).
+    /// Resolves which plugin would serve `path`. An explicit `backend` wins. Otherwise every
+    /// plugin is probed; among those that can load the file, the first in
+    /// `backendPreference` wins, then the highest probe score, then the name in
+    /// alphabetical order (so the choice never depends on the order plugins were found).
     public func resolvePlugin(modelPath path: String, backend: String?) throws(APIError) -> Plugin {
         if let backend, !backend.isEmpty {
             guard let plugin = plugins.plugin(named: backend) else {
@@ -66,12 +72,20 @@ public final class ModelRegistry: Sendable {
             }
             return plugin
         }
-        guard let plugin = plugins.plugin(forModelPath: path) else {
-            let ext = URL(fileURLWithPath: path).pathExtension
-            throw .invalidRequest("No loaded backend plugin claims '.\(ext)' files; name one with 'backend'.",
-                                  param: "model_path", code: "no_backend_for_format")
+        let answers = plugins.probe(modelPath: path)
+        let candidates = answers.filter { $0.score > 0 }
+        guard !candidates.isEmpty else {
+            let why = answers.map { "\($0.plugin.name): \($0.detail.isEmpty ? "no" : $0.detail)" }.joined(separator: "; ")
+            throw .invalidRequest(
+                "No loaded backend can load '\(URL(fileURLWithPath: path).lastPathComponent)' (\(why.isEmpty ? "no plugins are loaded" : why)); name one with 'backend'.",
+                param: "model_path", code: "no_backend_for_format")
         }
-        return plugin
+        func rank(_ name: String) -> Int { backendPreference.firstIndex(of: name) ?? backendPreference.count }
+        return candidates.min { a, b in
+            if rank(a.plugin.name) != rank(b.plugin.name) { return rank(a.plugin.name) < rank(b.plugin.name) }
+            if a.score != b.score { return a.score > b.score }
+            return a.plugin.name < b.plugin.name
+        }!.plugin
     }
 
     /// Loads a model; blocks the caller (not a thread) until it is ready, failed or cancelled.
@@ -119,7 +133,7 @@ public final class ModelRegistry: Sendable {
             var handle: OpaquePointer?
             var error = [CChar](repeating: 0, count: 2048)
             let status = withExtendedLifetime(tracker) {
-                plugin.api.pointee.load(requestJSON, &callbacks, &handle, &error, error.count)
+                plugin.table.load(requestJSON, &callbacks, &handle, &error, error.count)
             }
             guard status == Int32(PB_OK), let handle else {
                 let message = cMessage(error) ?? "the backend could not load the model"

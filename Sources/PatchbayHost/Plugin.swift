@@ -1,6 +1,7 @@
 import CPatchbayABI
 import Foundation
 import Logging
+import Synchronization
 
 /// A backend plugin that was opened and accepted: its function table and self-description.
 ///
@@ -15,28 +16,54 @@ public final class Plugin: Sendable {
     /// File extensions (without the dot) this plugin claims, e.g. `["gguf"]`.
     public let modelFormats: [String]
     public let capabilities: Capabilities
-    nonisolated(unsafe) let api: UnsafePointer<pb_plugin_api>
+    /// The plugin's ABI minor version: which events, codes and fields it knows.
+    public let abiMinor: Int
+    /// Runs share engine threads (`PB_FLAG_BATCHING`): delivering an event must never block.
+    public let isBatching: Bool
+    /// The plugin's table as this host reads it: the plugin's declared prefix, the rest zero.
+    nonisolated(unsafe) let table: pb_plugin_api
+    private let shutDown = Atomic<Bool>(false)
 
-    init(path: String, api: UnsafePointer<pb_plugin_api>) {
+    init(path: String, table: pb_plugin_api) {
         self.path = path
-        self.api = api
-        let table = api.pointee
+        self.table = table
         name = String(cString: table.name)
         version = table.version.map { String(cString: $0) } ?? "unknown"
         summary = table.description.map { String(cString: $0) } ?? ""
         abiVersion = "\(table.abi_major).\(table.abi_minor)"
+        abiMinor = Int(table.abi_minor)
+        isBatching = table.flags & UInt64(PB_FLAG_BATCHING) != 0
         modelFormats = (table.model_formats.map { String(cString: $0) } ?? "")
             .split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }.filter { !$0.isEmpty }
         var capabilities = Capabilities(rawValue: table.capabilities)
         // An optional capability counts only when its function is really there.
         if table.count_tokens == nil { capabilities.remove(.tokenize) }
         if table.embed == nil { capabilities.remove(.embeddings) }
+        if table.run_create_with_inputs == nil { capabilities.remove(.transcription) }
         self.capabilities = capabilities
     }
 
-    /// Whether this plugin claims files with the extension of `path`.
-    public func claims(modelPath: String) -> Bool {
-        modelFormats.contains(URL(fileURLWithPath: modelPath).pathExtension.lowercased())
+    /// Whether runs may carry byte inputs (`run_create_with_inputs`).
+    public var acceptsByteInputs: Bool { table.run_create_with_inputs != nil }
+
+    /// How well this plugin can load `modelPath`: 0 (cannot) to 100, with the plugin's
+    /// one-line explanation. A plugin without `probe` claims its formats by file
+    /// extension (50), as in ABI 1.0.
+    public func probe(modelPath: String) -> (score: Int, detail: String) {
+        guard let probe = table.probe else {
+            let claimed = modelFormats.contains(URL(fileURLWithPath: modelPath).pathExtension.lowercased())
+            return claimed ? (50, "claims the file extension") : (0, "does not claim the file extension")
+        }
+        var detail = [CChar](repeating: 0, count: 256)
+        let score = probe(modelPath, &detail, detail.count)
+        detail[detail.count - 1] = 0  // a plugin that filled the buffer without a NUL still gets cut
+        return (Int(max(0, min(100, score))), cMessage(detail) ?? "")
+    }
+
+    /// The plugin's `shutdown`, once, after every model is unloaded.
+    func shutdown() {
+        guard !shutDown.exchange(true, ordering: .relaxed), let shutdown = table.shutdown else { return }
+        shutdown()
     }
 }
 
@@ -53,10 +80,12 @@ public struct Capabilities: OptionSet, Sendable {
     public static let tokenize = Capabilities(rawValue: UInt64(PB_CAP_TOKENIZE))
     public static let tools = Capabilities(rawValue: UInt64(PB_CAP_TOOLS))
     public static let reasoning = Capabilities(rawValue: UInt64(PB_CAP_REASONING))
+    public static let transcription = Capabilities(rawValue: UInt64(PB_CAP_TRANSCRIPTION))
 
     static let named: [(String, Capabilities)] = [
         ("chat", .chat), ("completion", .completion), ("vision_input", .visionInput), ("audio_input", .audioInput),
         ("embeddings", .embeddings), ("tokenize", .tokenize), ("tools", .tools), ("reasoning", .reasoning),
+        ("transcription", .transcription),
     ]
 
     /// The capability names, e.g. `["chat", "tools"]`.
@@ -73,7 +102,7 @@ public struct PluginLoadError: Error, Sendable, CustomStringConvertible {
 
 enum PluginLoader {
     /// The smallest table a 1.x plugin can have: every function of ABI 1.0.
-    static let minimumTableSize = MemoryLayout<pb_plugin_api>.size
+    static let minimumTableSize = ABIStructs.pluginTableSize1_0
 
     /// Opens `path` and negotiates the ABI. Never crashes on a bad library.
     static func open(path: String, logger: Logger) throws(PluginLoadError) -> Plugin {
@@ -108,13 +137,13 @@ enum PluginLoader {
             throw PluginLoadError(
                 path: path, reason: "its function table is \(size) bytes, smaller than ABI \(major).0 requires (\(minimumTableSize))")
         }
-        let table = api.pointee
+        let table = ABIStructs.read(pb_plugin_api.self, at: api)
         guard table.name != nil, table.load != nil, table.model_info != nil, table.unload != nil,
               table.run_create != nil, table.run_execute != nil, table.run_cancel != nil, table.run_destroy != nil
         else {
             throw PluginLoadError(path: path, reason: "its function table lacks a name or a required function")
         }
-        return Plugin(path: path, api: api)
+        return Plugin(path: path, table: table)
     }
 
     /// One host table per plugin, alive for the rest of the process, so that log lines carry the plugin's file.

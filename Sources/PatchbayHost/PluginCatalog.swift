@@ -74,8 +74,17 @@ public final class PluginCatalog: Sendable {
         state.withLock { $0.plugins.first { $0.name == name } }
     }
 
-    /// The first plugin that claims the file's extension.
-    public func plugin(forModelPath path: String) -> Plugin? {
-        state.withLock { $0.plugins.first { $0.claims(modelPath: path) } }
+    /// What every plugin answers when asked whether it can load `path` (its probe, or for a
+    /// 1.0 plugin its file extensions), in the order the plugins were opened.
+    public func probe(modelPath path: String) -> [(plugin: Plugin, score: Int, detail: String)] {
+        plugins.map { plugin in
+            let (score, detail) = plugin.probe(modelPath: path)
+            return (plugin, score, detail)
+        }
+    }
+
+    /// Calls every plugin's `shutdown` once (at exit, after every model was unloaded).
+    public func shutdownAll() {
+        for plugin in plugins { plugin.shutdown() }
     }
 }

@@ -10,57 +10,152 @@ import Synchronization
 /// execution returned and after the cancel registry let go of it, so a late
 /// cancel never touches a freed handle.
 public final class Run: Sendable {
+    /// Why a run was asked to stop; a run stopped by the host's wall-clock cap reports
+    /// a time-limit finish, not a cancel.
+    public enum CancelReason: Int, Sendable {
+        case request = 1, timeLimit, slowClient
+    }
+
     public let model: LoadedModel
     let id: UInt64
     nonisolated(unsafe) private let handle: OpaquePointer
-    private let channel = EventChannel()
+    /// Byte inputs the plugin may read until `run_destroy`.
+    private let inputs: ByteInputStorage?
+    private let channel: EventChannel
     private let started = Atomic<Bool>(false)
+    private let cancelReason = Atomic<Int>(0)
+    /// Set once the terminal event was delivered; anything after it is dropped.
+    private let ended = Atomic<Bool>(false)
+    private let startedAt = ContinuousClock.now
 
-    init(model: LoadedModel, id: UInt64, handle: OpaquePointer) {
+    init(model: LoadedModel, id: UInt64, handle: OpaquePointer, inputs: ByteInputStorage?) {
         self.model = model
         self.id = id
         self.handle = handle
+        self.inputs = inputs
+        channel = EventChannel(blocking: !model.plugin.isBatching)
     }
 
     deinit {
-        model.plugin.api.pointee.run_destroy(handle)
+        model.plugin.table.run_destroy(handle)
+        withExtendedLifetime(inputs) {}
         model.runEnded(id)
     }
 
     /// Asks the plugin to stop this run. Idempotent, thread-safe, non-blocking.
-    public func cancel() {
-        model.plugin.api.pointee.run_cancel(handle)
+    /// The first reason given is the one the run reports.
+    public func cancel(reason: CancelReason = .request) {
+        _ = cancelReason.compareExchange(expected: 0, desired: reason.rawValue, ordering: .relaxed)
+        model.plugin.table.run_cancel(handle)
         channel.release()
     }
 
     /// Starts execution on a dedicated thread (plugins block while they generate).
-    /// Call once; `events()` then yields everything up to the terminal event.
+    /// Call once; `nextEvents()` then yields everything up to the terminal event.
     public func start() {
         guard !started.exchange(true, ordering: .relaxed) else { return }
         let thread = Thread { [self] in
             var sink = pb_event_sink(
                 struct_size: UInt32(MemoryLayout<pb_event_sink>.size),
-                context: Unmanaged.passUnretained(channel).toOpaque(),
+                context: Unmanaged.passUnretained(self).toOpaque(),
                 on_event: { context, event in
                     guard let context, let event else { return }
-                    let channel = Unmanaged<EventChannel>.fromOpaque(context).takeUnretainedValue()
-                    channel.push(GenerationEvent(event.pointee))
-                })
-            model.plugin.api.pointee.run_execute(handle, &sink)
+                    let run = Unmanaged<Run>.fromOpaque(context).takeUnretainedValue()
+                    // An event type of a newer minor that this host does not know is skipped.
+                    guard let event = GenerationEvent(ABIStructs.read(pb_event.self, at: event)) else { return }
+                    run.deliver(event)
+                },
+                backlog: { context in
+                    guard let context else { return 0 }
+                    return UInt32(Unmanaged<Run>.fromOpaque(context).takeUnretainedValue().channel.backlog)
+                },
+                backlog_limit: UInt32(EventChannel.capacity))
+            model.plugin.table.run_execute(handle, &sink)
+            // The contract says every run ends with one terminal event; a plugin that
+            // broke it must not leave its client waiting forever.
+            if !ended.load(ordering: .acquiring) {
+                deliver(.error(APIError(status: 502, message: "The backend '\(model.plugin.name)' ended the run without a result.",
+                                        code: "plugin_error")))
+            }
         }
         thread.name = "patchbay-run"
         thread.start()
     }
 
+    /// Called on the plugin's thread for each event.
+    private func deliver(_ event: GenerationEvent) {
+        if ended.load(ordering: .acquiring) { return }
+        var event = event
+        switch event {
+        case .finish(.cancelled) where cancelReason.load(ordering: .relaxed) == CancelReason.timeLimit.rawValue:
+            event = .finish(.timeLimit)
+        case .progress(var progress):
+            progress.elapsedMilliseconds = Int((ContinuousClock.now - startedAt) / .milliseconds(1))
+            event = .progress(progress)
+        default: break
+        }
+        if event.isTerminal { ended.store(true, ordering: .releasing) }
+        if channel.push(event) == .overflowed { cancel(reason: .slowClient) }
+    }
+
     /// The next batch of events; after a terminal event has been returned, do not call again.
+    /// An empty batch means `wake()` was called while nothing was pending.
     public func nextEvents() async -> [GenerationEvent] {
         await channel.next()
+    }
+
+    /// Makes a waiting `nextEvents()` return (with no events) so that the consumer can
+    /// do periodic work, such as a keep-alive write.
+    public func wake() {
+        channel.wake()
+    }
+}
+
+/// The byte inputs of one run as the plugin sees them: C structs and their bytes, kept
+/// alive and unchanged until the run is destroyed.
+final class ByteInputStorage: Sendable {
+    nonisolated(unsafe) let pointers: UnsafeMutablePointer<UnsafePointer<pb_byte_input>?>
+    let count: Int
+    nonisolated(unsafe) private let structs: UnsafeMutablePointer<pb_byte_input>
+    nonisolated(unsafe) private let strings: [UnsafeMutablePointer<CChar>]
+    nonisolated(unsafe) private let buffers: [UnsafeMutableRawBufferPointer]
+
+    init(_ inputs: [ByteInput]) {
+        count = inputs.count
+        structs = .allocate(capacity: max(1, inputs.count))
+        pointers = .allocate(capacity: max(1, inputs.count))
+        var strings: [UnsafeMutablePointer<CChar>] = []
+        var buffers: [UnsafeMutableRawBufferPointer] = []
+        for (index, input) in inputs.enumerated() {
+            let name = strdup(input.name)!
+            let mediaType = strdup(input.mediaType)!
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, input.bytes.count), alignment: 16)
+            input.bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
+            strings += [name, mediaType]
+            buffers.append(buffer)
+            (structs + index).initialize(to: pb_byte_input(
+                struct_size: UInt32(MemoryLayout<pb_byte_input>.size), name: name, media_type: mediaType,
+                data: buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), size: input.bytes.count))
+            pointers[index] = UnsafePointer(structs + index)
+        }
+        self.strings = strings
+        self.buffers = buffers
+    }
+
+    deinit {
+        structs.deinitialize(count: count)
+        structs.deallocate()
+        pointers.deallocate()
+        strings.forEach { free($0) }
+        buffers.forEach { $0.deallocate() }
     }
 }
 
 extension GenerationEvent {
-    /// Copies a C event into Swift values (its pointers die with the callback).
-    init(_ event: pb_event) {
+    /// Copies a C event into Swift values (its pointers die with the callback). `event`
+    /// was read within its writer's size, so fields a 1.0 plugin does not have are zero.
+    /// Nil for an event type this host does not know.
+    init?(_ event: pb_event) {
         func text() -> String {
             guard let pointer = event.text, event.text_len > 0 else { return "" }
             let bytes = UnsafeRawBufferPointer(start: pointer, count: event.text_len)
@@ -79,13 +174,22 @@ extension GenerationEvent {
         case Int32(PB_EVENT_TIMINGS):
             self = .timings(Timings(promptMilliseconds: event.prompt_ms, predictedMilliseconds: event.predicted_ms,
                                     promptPerSecond: event.prompt_per_second, predictedPerSecond: event.predicted_per_second))
+        case Int32(PB_EVENT_PROGRESS):
+            self = .progress(PromptProgress(processed: Int(event.progress_processed), total: Int(event.progress_total),
+                                            cached: Int(event.progress_cached)))
+        case Int32(PB_EVENT_SEGMENT):
+            self = .segment(TranscriptSegment(startMilliseconds: Int(event.segment_start_ms),
+                                              endMilliseconds: Int(event.segment_end_ms), text: text()))
+        case Int32(PB_EVENT_LANGUAGE):
+            self = .language(text(), probability: event.language_probability)
         case Int32(PB_EVENT_FINISH):
-            self = .finish(FinishReason(event.finish_reason))
+            self = .finish(event.finish_reason == Int32(PB_FINISH_STOP_SEQUENCE) ? .stopSequence(text()) : FinishReason(event.finish_reason))
         case Int32(PB_EVENT_ERROR):
             let message = text()
-            self = .error(APIError(pluginStatus: event.error_code, message: message.isEmpty ? "the engine failed" : message))
+            self = .error(APIError(pluginStatus: event.error_code, message: message.isEmpty ? "the engine failed" : message,
+                                   retryAfterMilliseconds: Int(event.retry_after_ms)))
         default:
-            self = .error(APIError(status: 502, message: "the plugin sent an unknown event type \(event.type)", code: "plugin_error"))
+            return nil
         }
     }
 }
@@ -103,8 +207,10 @@ extension FinishReason {
 }
 
 extension APIError {
-    /// Maps a plugin status code to what the client sees.
-    public init(pluginStatus status: pb_status, message: String) {
+    /// Maps a plugin status code to what the client sees. Busy, overloaded and timed-out
+    /// engines tell the client when to try again (at least a second, `Retry-After`'s unit).
+    public init(pluginStatus status: pb_status, message: String, retryAfterMilliseconds: Int = 0) {
+        let retryAfter = max(1, (retryAfterMilliseconds + 999) / 1000)
         switch status {
         case Int32(PB_ERR_INVALID_REQUEST): self = .invalidRequest(message)
         case Int32(PB_ERR_NOT_FOUND): self = .notFound(message, code: "not_found")
@@ -115,6 +221,12 @@ extension APIError {
             self = .invalidRequest(message, param: "messages", code: "context_length_exceeded")
         case Int32(PB_ERR_ENGINE_UNAVAILABLE): self = APIError(status: 502, message: message, code: "engine_unavailable")
         case Int32(PB_ERR_OUT_OF_MEMORY): self = APIError(status: 507, message: message, code: "out_of_memory")
+        case Int32(PB_ERR_BUSY):
+            self = APIError(status: 429, message: message, code: "rate_limit_exceeded", retryAfterSeconds: retryAfter)
+        case Int32(PB_ERR_OVERLOADED):
+            self = APIError(status: 503, message: message, code: "engine_overloaded", retryAfterSeconds: retryAfter)
+        case Int32(PB_ERR_TIMED_OUT):
+            self = APIError(status: 503, message: message, code: "engine_timeout", retryAfterSeconds: retryAfter)
         default: self = APIError(status: 500, message: message, code: "engine_error")
         }
     }

@@ -33,7 +33,8 @@ struct ChatCompletionsRoutes {
 
         let first = try await lease.firstEvents()
         let encoder = ChatCompletionStreamEncoder(id: id, created: created, model: model.id,
-                                                  includeUsage: chat.streamOptions?.includeUsage ?? false)
+                                                  includeUsage: chat.streamOptions?.includeUsage ?? false,
+                                                  includeProgress: chat.returnProgress ?? false)
         return lease.eventStream(startingWith: first, encoder: encoder)
     }
 }

@@ -34,9 +34,11 @@ enum Dialect {
             detail.raw("}")
             bytes += detail.bytes
         }
+        var headers: HTTPFields = [.contentType: "application/json"]
+        if let seconds = error.retryAfterSeconds { headers[.retryAfter] = String(seconds) }
         return Response(
             status: HTTPResponse.Status(code: error.status),
-            headers: [.contentType: "application/json"],
+            headers: headers,
             body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
     }
 }

@@ -105,10 +105,8 @@ extension LoadedModel {
             ("context_length", contextLength.map { .int(Int64($0)) } ?? .null),
             ("is_gguf", .bool(modelPath.lowercased().hasSuffix(".gguf"))),
             ("is_vision", .bool(capabilities.contains(.visionInput))),
-            ("supports_tools", .bool(capabilities.contains(.tools))),
-            ("supports_reasoning", .bool(capabilities.contains(.reasoning))),
             ("capabilities", .array(capabilities.names.map(JSONValue.string))),
             ("active_generations", .int(Int64(activeRunCount))),
-        ])
+        ] + detailMembers)
     }
 }

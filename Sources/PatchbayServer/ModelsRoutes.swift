@@ -34,6 +34,22 @@ extension LoadedModel {
             ("model_path", .string(modelPath)),
             ("context_length", contextLength.map { .int(Int64($0)) } ?? .null),
             ("capabilities", .array(capabilities.names.map(JSONValue.string))),
-        ])
+        ] + detailMembers)
+    }
+
+    /// What a client or UI may want to know about the model beyond its context; null where
+    /// the backend does not say. Shared by `/v1/models` and `/api/inference/status`.
+    var detailMembers: [(key: String, value: JSONValue)] {
+        func number(_ value: Int?) -> JSONValue { value.map { .int(Int64($0)) } ?? .null }
+        return [
+            ("parallel_slots", number(details.parallelSlots)),
+            ("embedding_dimensions", number(details.embeddingDimensions)),
+            ("training_context_length", number(details.trainingContextLength)),
+            ("parameter_count", number(details.parameterCount)),
+            ("size_bytes", details.sizeBytes.map { .int(Int64(clamping: $0)) } ?? .null),
+            ("architecture", details.architecture.map(JSONValue.string) ?? .null),
+            ("supports_tools", .bool(capabilities.contains(.tools))),
+            ("supports_reasoning", .bool(capabilities.contains(.reasoning))),
+        ]
     }
 }

@@ -35,6 +35,7 @@ extension Plugin {
             ("description", .string(summary)),
             ("model_formats", .array(modelFormats.map(JSONValue.string))),
             ("capabilities", .array(capabilities.names.map(JSONValue.string))),
+            ("batching", .bool(isBatching)),
             ("path", .string(path)),
         ])
     }

@@ -12,15 +12,22 @@ final class RunLease: Sendable {
     private let registry: CancelRegistry
     private let registration: CancelRegistry.RunID
     private let watchdog: Task<Void, Never>
+    private let heartbeat: Task<Void, Never>
+    let keepAliveInterval: Duration
 
-    init(run: Run, keys: [CancelRegistry.Key], registry: CancelRegistry, maxDuration: Duration) {
+    init(run: Run, keys: [CancelRegistry.Key], registry: CancelRegistry, maxDuration: Duration, keepAliveInterval: Duration) {
         self.run = run
         self.registry = registry
+        self.keepAliveInterval = keepAliveInterval
         registration = registry.register(keys) { [run] in run.cancel() }
-        // The backstop behind the plugin's own max_wall_ms.
+        // The backstop behind the plugin's own max_wall_ms; the run then reports a time-limit finish.
         watchdog = Task { [run] in
             guard (try? await Task.sleep(for: maxDuration)) != nil else { return }
-            run.cancel()
+            run.cancel(reason: .timeLimit)
+        }
+        // Wakes the response's writer while the engine is silent, for keep-alive writes.
+        heartbeat = Task { [run] in
+            while (try? await Task.sleep(for: keepAliveInterval)) != nil { run.wake() }
         }
         run.start()
     }
@@ -34,22 +41,33 @@ final class RunLease: Sendable {
     func end() {
         registry.unregister(registration)
         watchdog.cancel()
+        heartbeat.cancel()
     }
 
-    /// Waits for the run's first events, before a streaming response commits to 200. An
-    /// engine that fails before producing anything (a prompt longer than the context, a lost
-    /// engine) then fails the request with its own status, as the engine itself would.
+    /// Waits for the run's first output, before a streaming response commits to 200. An
+    /// engine that fails before producing anything (a prompt longer than the context, a busy
+    /// or lost engine) then fails the request with its own status, as the engine itself
+    /// would. An engine that stays silent (a long prompt) only reports progress; after one
+    /// keep-alive interval the response commits anyway, so the client hears from us.
     func firstEvents() async throws -> [GenerationEvent] {
-        let batch = await run.nextEvents()
-        if case .error(let error)? = batch.first {
-            end()
-            throw error
+        let deadline = ContinuousClock.now + keepAliveInterval
+        var pending: [GenerationEvent] = []
+        while true {
+            pending += await run.nextEvents()
+            if let first = pending.first(where: { if case .progress = $0 { false } else { true } }) {
+                if case .error(let error) = first {
+                    end()
+                    throw error
+                }
+                return pending
+            }
+            if ContinuousClock.now >= deadline { return pending }
         }
-        return batch
     }
 
     /// Hands each batch of events to `body`, up to and including the terminal event,
-    /// starting with `first` (from `firstEvents`) when given.
+    /// starting with `first` (from `firstEvents`) when given. A batch may be empty: the
+    /// heartbeat's wake-up while the engine is silent.
     /// If `body` throws (the client went away), the run is cancelled.
     func pump(startingWith first: [GenerationEvent]? = nil, _ body: ([GenerationEvent]) async throws -> Void) async throws {
         do {
@@ -88,14 +106,22 @@ extension RunLease {
     }
 
     /// The streaming response: the run's events through `encoder`, starting with `first`.
-    /// A write that fails (the client went away) cancels the run.
+    /// While the engine sends nothing to show (prompt processing), an SSE comment goes out
+    /// every keep-alive interval: proxies keep the connection open, and a client that left
+    /// is noticed. A write that fails (the client went away) cancels the run.
     func eventStream(startingWith first: [GenerationEvent], encoder: some EventStreamEncoder) -> Response {
         Response(status: .ok, headers: eventStreamHeaders, body: ResponseBody { [self, encoder] writer in
             var encoder = encoder
+            var lastWrite: ContinuousClock.Instant?
             try await pump(startingWith: first) { events in
                 var out: [UInt8] = []
                 for event in events { encoder.encode(event, into: &out) }
-                if !out.isEmpty { try await writer.write(ByteBuffer(bytes: out)) }
+                if out.isEmpty {
+                    if let lastWrite, ContinuousClock.now - lastWrite < keepAliveInterval { return }
+                    SSE.comment("keep-alive", into: &out)
+                }
+                try await writer.write(ByteBuffer(bytes: out))
+                lastWrite = .now
             }
             try await writer.finish(nil)
         })
@@ -106,7 +132,8 @@ extension ServerState {
     /// Creates, registers and starts a run; the returned lease is already in the cancel registry.
     func startRun(on model: LoadedModel, request: NormalizedRequest, keys: [CancelRegistry.Key]) throws(APIError) -> RunLease {
         let run = try model.createRun(request)
-        return RunLease(run: run, keys: keys, registry: cancels, maxDuration: configuration.maxGenerationDuration + .seconds(1))
+        return RunLease(run: run, keys: keys, registry: cancels, maxDuration: configuration.maxGenerationDuration + .seconds(1),
+                        keepAliveInterval: configuration.keepAliveInterval)
     }
 
     /// `max_tokens` when the client sets none: the model's context length, never a small number.

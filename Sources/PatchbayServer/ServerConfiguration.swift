@@ -14,6 +14,12 @@ public struct ServerConfiguration: Sendable {
     public var shutdownGracePeriod: Duration = .seconds(10)
     /// When a request sets no `max_tokens` and the model's context length is unknown.
     public var fallbackMaxTokens = 32768
+    /// Plugin names in order of preference, for a model file several plugins can load
+    /// (otherwise: the highest probe score, then the plugin's name).
+    public var backendPreference: [String] = []
+    /// A stream whose engine is still silent (prompt processing) commits to 200 after this
+    /// long, then gets an SSE comment at this interval, which also reveals a client that left.
+    public var keepAliveInterval: Duration = .seconds(1)
 
     public init() {}
 }

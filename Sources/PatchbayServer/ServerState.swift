@@ -15,7 +15,7 @@ public final class ServerState: Sendable {
         self.logger = logger
         let plugins = PluginCatalog(logger: logger)
         if let directory = configuration.pluginDirectory { plugins.discover(in: directory) }
-        models = ModelRegistry(plugins: plugins, logger: logger)
+        models = ModelRegistry(plugins: plugins, logger: logger, backendPreference: configuration.backendPreference)
         cancels = CancelRegistry()
     }
 }

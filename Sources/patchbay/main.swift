@@ -26,12 +26,19 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "On SIGTERM/SIGINT, how long in-flight generations may finish before they are cancelled, in seconds.")
     var shutdownGraceSeconds = 10
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
+    @Option(help: ArgumentHelp(
+        "Backend plugin to prefer when several can load a model file (repeatable, or comma-separated, first wins).",
+        discussion: "Without it, the plugin whose probe is most confident wins, then the plugin name in alphabetical order. 'backend' in a load request always wins."))
+    var preferBackend: [String] = []
+    @Option(help: "While an engine processes a prompt and sends nothing, streams get an SSE keep-alive comment this often, in seconds.")
+    var keepAliveSeconds = 1.0
 
     func validate() throws {
         guard (1...65535).contains(port) else { throw ValidationError("--port must be in 1...65535") }
         guard maxBodyMb > 0 else { throw ValidationError("--max-body-mb must be positive") }
         guard maxGenerationSeconds > 0 else { throw ValidationError("--max-generation-seconds must be positive") }
         guard shutdownGraceSeconds >= 0 else { throw ValidationError("--shutdown-grace-seconds must not be negative") }
+        guard keepAliveSeconds >= 0.05 && keepAliveSeconds <= 60 else { throw ValidationError("--keep-alive-seconds must be in 0.05...60") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
     }
 
@@ -46,6 +53,9 @@ struct Serve: AsyncParsableCommand {
         configuration.maxBodyBytes = maxBodyMb * 1024 * 1024
         configuration.maxGenerationDuration = .seconds(maxGenerationSeconds)
         configuration.shutdownGracePeriod = .seconds(shutdownGraceSeconds)
+        configuration.backendPreference = preferBackend.flatMap { $0.split(separator: ",") }
+            .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        configuration.keepAliveInterval = .milliseconds(Int(keepAliveSeconds * 1000))
 
         let state = ServerState(configuration: configuration, logger: logger)
         let app = buildApplication(state: state)
@@ -56,8 +66,10 @@ struct Serve: AsyncParsableCommand {
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await services.run()
-        // Every model is released, so no engine process outlives the host.
+        // Every model is released, so no engine process outlives the host; then each
+        // plugin may stop its own threads.
         await state.models.unloadAll()
+        state.plugins.shutdownAll()
         logger.info("stopped")
     }
 }
