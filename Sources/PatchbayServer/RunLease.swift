@@ -112,16 +112,19 @@ extension RunLease {
     func eventStream(startingWith first: [GenerationEvent], encoder: some EventStreamEncoder) -> Response {
         Response(status: .ok, headers: eventStreamHeaders, body: ResponseBody { [self, encoder] writer in
             var encoder = encoder
-            var lastWrite: ContinuousClock.Instant?
+            // When the client last heard something other than progress.
+            var lastSign: ContinuousClock.Instant?
             try await pump(startingWith: first) { events in
                 var out: [UInt8] = []
                 for event in events { encoder.encode(event, into: &out) }
-                if out.isEmpty {
-                    if let lastWrite, ContinuousClock.now - lastWrite < keepAliveInterval { return }
+                let silent = events.allSatisfy { if case .progress = $0 { true } else { false } }
+                if !silent {
+                    lastSign = .now
+                } else if lastSign.map({ ContinuousClock.now - $0 >= keepAliveInterval }) ?? true {
                     SSE.comment("keep-alive", into: &out)
+                    lastSign = .now
                 }
-                try await writer.write(ByteBuffer(bytes: out))
-                lastWrite = .now
+                if !out.isEmpty { try await writer.write(ByteBuffer(bytes: out)) }
             }
             try await writer.finish(nil)
         })
