@@ -67,6 +67,6 @@ let package = Package(
             path: "Plugins/LlamaServer", publicHeadersPath: ".", cSettings: pluginCSettings,
             linkerSettings: [.linkedLibrary("curl")]),
         .testTarget(name: "PatchbayCoreTests", dependencies: ["PatchbayCore"], path: "Tests/PatchbayCoreTests"),
-        .testTarget(name: "PatchbayHostTests", dependencies: ["PatchbayHost"], path: "Tests/PatchbayHostTests"),
+        .testTarget(name: "PatchbayHostTests", dependencies: ["PatchbayHost", "CPatchbayABI"], path: "Tests/PatchbayHostTests"),
     ]
 )

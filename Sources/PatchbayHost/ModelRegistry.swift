@@ -75,9 +75,9 @@ public final class ModelRegistry: Sendable {
         let answers = plugins.probe(modelPath: path)
         let candidates = answers.filter { $0.score > 0 }
         guard !candidates.isEmpty else {
-            let why = answers.map { "\($0.plugin.name): \($0.detail.isEmpty ? "no" : $0.detail)" }.joined(separator: "; ")
+            let why = answers.map { "\($0.plugin.name): \($0.detail.isEmpty ? "cannot load it" : $0.detail)" }.joined(separator: "; ")
             throw .invalidRequest(
-                "No loaded backend can load '\(URL(fileURLWithPath: path).lastPathComponent)' (\(why.isEmpty ? "no plugins are loaded" : why)); name one with 'backend'.",
+                "No backend plugin can load '\(URL(fileURLWithPath: path).lastPathComponent)' (\(why.isEmpty ? "no plugins are loaded" : why)); name one with 'backend'.",
                 param: "model_path", code: "no_backend_for_format")
         }
         func rank(_ name: String) -> Int { backendPreference.firstIndex(of: name) ?? backendPreference.count }

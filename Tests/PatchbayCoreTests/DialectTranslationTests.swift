@@ -150,3 +150,48 @@ struct DialectTranslationTests {
         #expect(text.contains(#""usage":{"input_tokens":3,"output_tokens":4}"#))
     }
 }
+
+@Suite("ABI 1.1 in the dialects")
+struct ABI11DialectTests {
+    @Test func aStopSequenceFinishNamesItsStringInAnthropicOnly() throws {
+        var anthropic = AnthropicStreamEncoder(id: "msg_1", model: "m")
+        var out: [UInt8] = []
+        anthropic.encode(.content("Hello"), into: &out)
+        anthropic.encode(.finish(.stopSequence("STOP")), into: &out)
+        let text = String(decoding: out, as: UTF8.self)
+        #expect(text.contains("\"stop_reason\":\"stop_sequence\",\"stop_sequence\":\"STOP\""))
+        #expect(FinishReason.stopSequence("STOP").openAIName == "stop")
+        #expect(FinishReason.timeLimit.anthropicName == "max_tokens")
+    }
+
+    @Test func progressIsForwardedOnlyWhenAskedFor() {
+        var quiet = ChatCompletionStreamEncoder(id: "c", created: 0, model: "m", includeUsage: false)
+        var out: [UInt8] = []
+        quiet.encode(.progress(PromptProgress(processed: 5, total: 10)), into: &out)
+        #expect(out.isEmpty)
+        var loud = ChatCompletionStreamEncoder(id: "c", created: 0, model: "m", includeUsage: false, includeProgress: true)
+        loud.encode(.progress(PromptProgress(processed: 5, total: 10, cached: 2, elapsedMilliseconds: 7)), into: &out)
+        #expect(String(decoding: out, as: UTF8.self).contains("\"choices\":[],\"prompt_progress\":{\"total\":10,\"cache\":2,\"processed\":5,\"time_ms\":7}"))
+    }
+
+    @Test func dataURLImagesBecomeByteInputs() throws {
+        var request = NormalizedRequest(kind: .chat, maxTokens: 1, maxWallMilliseconds: 0)
+        request.messages = [.object([("role", .string("user")), ("content", .array([
+            .object([("type", .string("text")), ("text", .string("see"))]),
+            .object([("type", .string("image_url")), ("image_url", .object([("url", .string("data:image/png;base64,AAEC"))]))]),
+            .object([("type", .string("image_url")), ("image_url", .object([("url", .string("https://example.com/a.png"))]))]),
+        ]))])]
+        try request.moveImagesToByteInputs()
+        #expect(request.inputs == [ByteInput(name: "image-0", mediaType: "image/png", bytes: [0, 1, 2])])
+        let parts = try #require(request.messages[0]["content"]?.arrayValue)
+        #expect(parts[1]["image"]?["input"]?.stringValue == "image-0")
+        #expect(parts[2]["image_url"]?["url"]?.stringValue == "https://example.com/a.png")
+        #expect(request.hasImage)
+
+        var broken = NormalizedRequest(kind: .chat, maxTokens: 1, maxWallMilliseconds: 0)
+        broken.messages = [.object([("role", .string("user")), ("content", .array([
+            .object([("type", .string("image_url")), ("image_url", .object([("url", .string("data:image/png,rawbytes"))]))]),
+        ]))])]
+        #expect(throws: APIError.self) { try broken.moveImagesToByteInputs() }
+    }
+}

@@ -33,7 +33,7 @@ def test_plugins_are_listed_with_their_description(server):
     status, body = server.get("/api/plugins")
     assert status == 200
     [plugin] = body["plugins"]
-    assert plugin["name"] == "reference" and plugin["abi_version"] == "1.0"
+    assert plugin["name"] == "reference" and plugin["abi_version"] == "1.1"
     assert plugin["model_formats"] == ["ref"]
     assert {"chat", "tools", "reasoning", "tokenize"} <= set(plugin["capabilities"])
 
@@ -59,7 +59,7 @@ def test_incompatible_plugins_are_refused_and_the_server_keeps_running(server, w
     future = build_plugin(workdir, "future", FUTURE_MAJOR)
     status, error = server.post("/api/plugins/load", {"path": future})
     assert status == 400
-    assert "ABI 2.3" in error["error"]["message"] and "ABI 1.0" in error["error"]["message"]
+    assert "ABI 2.3" in error["error"]["message"] and "ABI 1.1" in error["error"]["message"]
     assert future in error["error"]["message"]
 
     no_entry = build_plugin(workdir, "noentry", NO_ENTRY)

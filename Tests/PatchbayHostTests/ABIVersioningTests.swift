@@ -1,0 +1,97 @@
+import CPatchbayABI
+import PatchbayCore
+import Testing
+
+@testable import PatchbayHost
+
+@Suite("ABI versioning rule")
+struct ABIVersioningTests {
+    @Test func frozenSizesMatchTheHeaderOfEachVersion() {
+        // PB_PLUGIN_API_SIZE_1_0 and PB_EVENT_SIZE_1_0: the sizeof of the 1.0 header (LP64).
+        #expect(ABIStructs.pluginTableSize1_0 == 120)
+        #expect(ABIStructs.size(through: \pb_event.error_code) == 112)
+        #expect(MemoryLayout<pb_plugin_api>.size > ABIStructs.pluginTableSize1_0)
+    }
+
+    /// A 1.0 plugin's event is shorter than the host's; whatever lies past its declared
+    /// size (here 0xFF bytes) must read as zero, never as the neighbouring memory.
+    @Test func anEventIsReadOnlyWithinItsWritersSize() {
+        let hostSize = MemoryLayout<pb_event>.size
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: hostSize, alignment: MemoryLayout<pb_event>.alignment)
+        defer { buffer.deallocate() }
+        buffer.initializeMemory(as: UInt8.self, repeating: 0xFF, count: hostSize)
+        var old = pb_event()
+        old.struct_size = UInt32(ABIStructs.size(through: \pb_event.error_code))
+        old.type = Int32(PB_EVENT_ERROR)
+        old.error_code = Int32(PB_ERR_BUSY)
+        buffer.copyMemory(from: &old, byteCount: Int(old.struct_size))
+
+        let read = ABIStructs.read(pb_event.self, at: buffer)
+        #expect(read.error_code == Int32(PB_ERR_BUSY))
+        #expect(read.retry_after_ms == 0)
+        #expect(read.progress_total == 0)
+        #expect(read.language_probability == 0)
+        guard case .error(let error)? = GenerationEvent(read) else {
+            Issue.record("not an error event")
+            return
+        }
+        #expect(error.status == 429)
+        #expect(error.retryAfterSeconds == 1)
+    }
+
+    @Test func unknownEventTypesFromANewerMinorAreSkipped() {
+        var event = pb_event()
+        event.struct_size = UInt32(MemoryLayout<pb_event>.size)
+        event.type = 99
+        #expect(GenerationEvent(event) == nil)
+        event.type = Int32(PB_EVENT_FINISH)
+        event.finish_reason = 99
+        #expect(GenerationEvent(event) == .finish(.stop))
+    }
+
+    @Test func busyOverloadedAndTimedOutCarryRetryAfter() {
+        #expect(APIError(pluginStatus: Int32(PB_ERR_BUSY), message: "", retryAfterMilliseconds: 1500).retryAfterSeconds == 2)
+        let overloaded = APIError(pluginStatus: Int32(PB_ERR_OVERLOADED), message: "warming up")
+        #expect(overloaded.status == 503 && overloaded.retryAfterSeconds == 1 && overloaded.anthropicType == "overloaded_error")
+        #expect(APIError(pluginStatus: Int32(PB_ERR_TIMED_OUT), message: "").status == 503)
+        #expect(APIError(pluginStatus: Int32(PB_ERR_INTERNAL), message: "").retryAfterSeconds == nil)
+    }
+}
+
+@Suite("Event channel")
+struct EventChannelTests {
+    /// A batching engine's channel never blocks the engine, and tells it the backlog.
+    @Test func nonBlockingChannelNeverWaitsAndReportsItsBacklog() async {
+        let channel = EventChannel(blocking: false)
+        for _ in 0..<(EventChannel.capacity * 4) { #expect(channel.push(.content("x")) == .accepted) }
+        #expect(channel.backlog == EventChannel.capacity * 4)
+        #expect(await channel.next().count == EventChannel.capacity * 4)
+        #expect(channel.backlog == 0)
+    }
+
+    /// Past its byte limit a non-blocking channel drops output, asks once for the run to be
+    /// cancelled, and ends the response with an error instead of a normal finish.
+    @Test func nonBlockingChannelIsBoundedInBytes() async {
+        let channel = EventChannel(blocking: false)
+        let big = String(repeating: "y", count: 1 << 20)
+        var results: [EventChannel.PushResult] = []
+        for _ in 0..<20 { results.append(channel.push(.content(big))) }
+        #expect(results.filter { $0 == .overflowed }.count == 1)
+        _ = channel.push(.finish(.cancelled))
+        let events = await channel.next()
+        #expect(events.count < 20)
+        guard case .error(let error)? = events.last else {
+            Issue.record("the response did not end with an error")
+            return
+        }
+        #expect(error.code == "client_too_slow")
+    }
+
+    @Test func wakeReturnsAnEmptyBatchToAWaitingConsumer() async {
+        let channel = EventChannel(blocking: true)
+        async let batch = channel.next()
+        try? await Task.sleep(for: .milliseconds(50))
+        channel.wake()
+        #expect(await batch.isEmpty)
+    }
+}
