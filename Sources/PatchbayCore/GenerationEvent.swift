@@ -22,6 +22,11 @@ public enum GenerationEvent: Sendable, Equatable {
         default: false
         }
     }
+
+    /// Progress says the engine is alive, but nothing a client is waiting for.
+    public var isProgress: Bool {
+        if case .progress = self { true } else { false }
+    }
 }
 
 public enum FinishReason: Sendable, Equatable {

@@ -54,7 +54,7 @@ final class RunLease: Sendable {
         var pending: [GenerationEvent] = []
         while true {
             pending += await run.nextEvents()
-            if let first = pending.first(where: { if case .progress = $0 { false } else { true } }) {
+            if let first = pending.first(where: { !$0.isProgress }) {
                 if case .error(let error) = first {
                     end()
                     throw error
@@ -117,7 +117,7 @@ extension RunLease {
             try await pump(startingWith: first) { events in
                 var out: [UInt8] = []
                 for event in events { encoder.encode(event, into: &out) }
-                let silent = events.allSatisfy { if case .progress = $0 { true } else { false } }
+                let silent = events.allSatisfy(\.isProgress)
                 if !silent {
                     lastSign = .now
                 } else if lastSign.map({ ContinuousClock.now - $0 >= keepAliveInterval }) ?? true {
