@@ -169,9 +169,10 @@ def test_long_prefill_sends_keep_alive_before_the_first_token(llama):  # noqa: F
     assert first_token_at is not None, "no answer came"
     assert first_token_at > 3, f"the prompt took only {first_token_at:.1f} s; make it longer"
     assert keep_alives, "no keep-alive during the prefill"
-    # At least one a second, the first within about a second of the request.
+    # The host writes one when the client has heard nothing for a second (checked every
+    # second), so they come one to two seconds apart; more slack for a loaded machine.
     gaps = [b - a for a, b in zip([0.0] + keep_alives, keep_alives + [first_token_at])]
-    assert max(gaps) < 2.5, gaps
+    assert max(gaps) < 3.5, gaps
 
 
 def test_return_progress_streams_prompt_progress_up_to_the_total(llama):  # noqa: F811
@@ -291,12 +292,12 @@ def test_the_wall_clock_budget_ends_a_generation_as_a_time_limit():
         took = time.perf_counter() - started
         assert reply.choices[0].finish_reason == "length"
         assert reply.usage.completion_tokens < 4000
-        assert 1.5 < took < 3.0, took
+        assert 1.5 < took < 4.0, took
         claude = anthropic.Anthropic(base_url=server.base, api_key="unused", max_retries=0)
         message = claude.messages.create(model="default", max_tokens=4000, messages=LONG_ANSWER, extra_body=GREEDY_BODY)
         assert message.stop_reason == "max_tokens"
         assert message.usage.output_tokens < 4000
-        the_child(server).wait_idle(timeout=2)  # the plugin's close reached llama-server
+        the_child(server).wait_idle(timeout=10)  # the plugin's close reached llama-server
     finally:
         server.stop()
         server.cleanup()
