@@ -422,16 +422,28 @@ static int on_stream_tick(void *context) {
     return 0;
 }
 
-/* A normalized request (see patchbay.h), and whether it is a raw completion; NULL if malformed. */
-static json_value *parse_generation_request(const char *request_json, int *is_completion, char *error,
-                                            size_t error_size) {
+/*
+ * A normalized request (see patchbay.h), and whether it is a raw completion;
+ * NULL with `*status` and `error` filled if it is malformed or of a kind this
+ * plugin does not serve (a transcription).
+ */
+static json_value *parse_generation_request(const char *request_json, int *is_completion, pb_status *status,
+                                            char *error, size_t error_size) {
     json_value *request = json_parse(request_json);
     if (!request) {
         plugin_set_error(error, error_size, "The request is not valid JSON.");
+        *status = PB_ERR_INVALID_REQUEST;
         return NULL;
     }
     const char *kind = json_get_string(request, "kind");
+    if (kind && strcmp(kind, "chat") != 0 && strcmp(kind, "completion") != 0) {
+        plugin_set_error(error, error_size, "llama-server does not serve requests of kind '%s'.", kind);
+        json_free(request);
+        *status = PB_ERR_UNSUPPORTED;
+        return NULL;
+    }
     *is_completion = kind && strcmp(kind, "completion") == 0;
+    *status = PB_OK;
     return request;
 }
 
@@ -439,9 +451,9 @@ static pb_status llama_run_create_with_inputs(pb_model *model, const char *reque
                                               const pb_byte_input *const *inputs, size_t input_count,
                                               pb_run **out_run, char *error, size_t error_size) {
     int is_completion;
-    json_value *request = parse_generation_request(request_json, &is_completion, error, error_size);
-    if (!request) return PB_ERR_INVALID_REQUEST;
-    pb_status status = PB_OK;
+    pb_status status;
+    json_value *request = parse_generation_request(request_json, &is_completion, &status, error, error_size);
+    if (!request) return status;
     char *body = request_build_body(request, is_completion, inputs, inputs ? input_count : 0, &status, error,
                                     error_size);
     int64_t max_tokens = (int64_t)json_get_number(request, "max_tokens", -1);
@@ -578,11 +590,11 @@ static pb_status post_json(pb_model *model, const char *path, const char *body, 
 static pb_status llama_count_tokens(pb_model *model, const char *request_json, int64_t *out_count, char *error,
                                     size_t error_size) {
     int is_completion;
-    json_value *request = parse_generation_request(request_json, &is_completion, error, error_size);
-    if (!request) return PB_ERR_INVALID_REQUEST;
+    pb_status status;
+    json_value *request = parse_generation_request(request_json, &is_completion, &status, error, error_size);
+    if (!request) return status;
     json_buffer b;
     jb_init(&b);
-    pb_status status = PB_OK;
     json_value *rendered = NULL;
     const char *prompt = json_get_string(request, "prompt");
     if (!is_completion) {
