@@ -51,7 +51,7 @@ public struct ChatCompletionStreamEncoder: EventStreamEncoder {
             }
         case .usage(let usage):
             self.usage = usage
-        case .progress(let progress) where includeProgress:
+        case .progress(let progress) where includeProgress && progress.total > 0:  // total 0: only a sign of life
             var json = JSONWriter()
             json.raw(prefix)
             json.raw(",\"choices\":[],\"prompt_progress\":{\"total\":")
