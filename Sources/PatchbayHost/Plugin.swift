@@ -16,8 +16,6 @@ public final class Plugin: Sendable {
     /// File extensions (without the dot) this plugin claims, e.g. `["gguf"]`.
     public let modelFormats: [String]
     public let capabilities: Capabilities
-    /// The plugin's ABI minor version: which events, codes and fields it knows.
-    public let abiMinor: Int
     /// Runs share engine threads (`PB_FLAG_BATCHING`): delivering an event must never block.
     public let isBatching: Bool
     /// The plugin's table as this host reads it: the plugin's declared prefix, the rest zero.
@@ -31,7 +29,6 @@ public final class Plugin: Sendable {
         version = table.version.map { String(cString: $0) } ?? "unknown"
         summary = table.description.map { String(cString: $0) } ?? ""
         abiVersion = "\(table.abi_major).\(table.abi_minor)"
-        abiMinor = Int(table.abi_minor)
         isBatching = table.flags & UInt64(PB_FLAG_BATCHING) != 0
         modelFormats = (table.model_formats.map { String(cString: $0) } ?? "")
             .split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }.filter { !$0.isEmpty }

@@ -19,7 +19,8 @@ public final class Run: Sendable {
     public let model: LoadedModel
     let id: UInt64
     nonisolated(unsafe) private let handle: OpaquePointer
-    /// Byte inputs the plugin may read until `run_destroy`.
+    /// Byte inputs the plugin may read until `run_destroy`. Stored properties are released
+    /// after `deinit`'s body, so they outlive the `run_destroy` call there.
     private let inputs: ByteInputStorage?
     private let channel: EventChannel
     private let started = Atomic<Bool>(false)
@@ -38,7 +39,6 @@ public final class Run: Sendable {
 
     deinit {
         model.plugin.table.run_destroy(handle)
-        withExtendedLifetime(inputs) {}
         model.runEnded(id)
     }
 
