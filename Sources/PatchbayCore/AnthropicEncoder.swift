@@ -167,8 +167,8 @@ extension ChatCompletionAccumulator {
             json.raw(",\"name\":")
             json.string(call.name ?? "")
             json.raw(",\"input\":")
-            // The engine's arguments are JSON text; a model that wrote broken JSON gets it kept as a string.
-            if let input = try? JSONDecoder().decode(JSONValue.self, from: Data(call.arguments.utf8)), input.isObject {
+            // The engine's arguments are JSON text, kept in the model's key order; broken JSON is kept as a string.
+            if let input = try? JSONValue(parsing: Array(call.arguments.utf8)), input.isObject {
                 json.value(input)
             } else {
                 json.raw("{\"_raw\":")

@@ -64,7 +64,13 @@ extension JSONValue: Codable {
         init?(intValue: Int) { nil }
     }
 
+    /// Taken from the document `RequestDecoding` parsed itself when there is one, because
+    /// `JSONDecoder` hands out an object's keys in no particular order; read from the decoder otherwise.
     public init(from decoder: any Decoder) throws {
+        if let document = decoder.userInfo[.orderedJSON] as? JSONValue, let value = document.value(at: decoder.codingPath) {
+            self = value
+            return
+        }
         if let container = try? decoder.container(keyedBy: AnyKey.self) {
             var members: [(key: String, value: JSONValue)] = []
             for key in container.allKeys {
@@ -93,6 +99,24 @@ extension JSONValue: Codable {
         }
     }
 
+    /// The value a decoder's coding path leads to.
+    func value(at path: [any CodingKey]) -> JSONValue? {
+        var node = self
+        for key in path {
+            switch node {
+            case .object(let members):
+                guard let member = members.first(where: { $0.key == key.stringValue }) else { return nil }
+                node = member.value
+            case .array(let items):
+                guard let index = key.intValue, items.indices.contains(index) else { return nil }
+                node = items[index]
+            default:
+                return nil
+            }
+        }
+        return node
+    }
+
     public func encode(to encoder: any Encoder) throws {
         switch self {
         case .null:
@@ -118,4 +142,9 @@ extension JSONValue: Codable {
             for member in members { try container.encode(member.value, forKey: AnyKey(stringValue: member.key)) }
         }
     }
+}
+
+extension CodingUserInfoKey {
+    /// The request body as `JSONValue(parsing:)` read it, members in document order.
+    static let orderedJSON = CodingUserInfoKey(rawValue: "patchbay.ordered-json")!
 }

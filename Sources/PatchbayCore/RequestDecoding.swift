@@ -4,8 +4,18 @@ import Foundation
 public enum RequestDecoding {
     public static func decode<T: Decodable>(_ type: T.Type, from body: Data) throws(APIError) -> T {
         guard !body.isEmpty else { throw .invalidRequest("The request body is empty; expected a JSON object.") }
+        // Our own parse keeps object members in order (JSONDecoder does not) and bounds the nesting;
+        // JSONDecoder still reads the typed fields, so a wrong one is a 400 that names it.
+        let document: JSONValue
         do {
-            return try JSONDecoder().decode(T.self, from: body)
+            document = try JSONValue(parsing: body)
+        } catch {
+            throw .invalidRequest("The request body is not valid JSON: \(error).", code: "invalid_json")
+        }
+        let decoder = JSONDecoder()
+        decoder.userInfo[.orderedJSON] = document
+        do {
+            return try decoder.decode(T.self, from: body)
         } catch let error as APIError {
             throw error
         } catch let error as DecodingError {
