@@ -99,9 +99,6 @@ public struct ChatMessage: Decodable, Sendable {
         if toolCallID != nil && role != .tool {
             throw .invalidRequest("\"tool_call_id\" is only valid on role=\"tool\" messages.", param: "\(param).tool_call_id")
         }
-        if name != nil && role != .tool {
-            throw .invalidRequest("\"name\" is only valid on role=\"tool\" messages.", param: "\(param).name")
-        }
         let hasContent = !(content?.isEmpty ?? true)
         switch role {
         case .tool:

@@ -42,7 +42,7 @@ struct ChatCompletionRequestTests {
         (#"{"messages":[{"role":"user","content":"hi","tool_calls":[]}]}"#, "messages[0].tool_calls", nil),
         (#"{"messages":[{"role":"user","content":"hi"},{"role":"tool","content":"42"}]}"#, "messages[1].tool_call_id", nil),
         (#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant"}]}"#, "messages[1].content", nil),
-        (#"{"messages":[{"role":"user","content":"hi","name":"bob"}]}"#, "messages[0].name", nil),
+        (#"{"messages":[{"role":"user","content":"hi","name":5}]}"#, "messages[0].name", "invalid_type"),
         (#"{"messages":[{"role":"system","content":"only system"}]}"#, "messages", "invalid_value"),
         (#"{"messages":[{"role":"user","content":"hi"}],"temperature":3}"#, "temperature", "invalid_value"),
         (#"{"messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#, "temperature", "invalid_type"),

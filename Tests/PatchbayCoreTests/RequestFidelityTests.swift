@@ -5,7 +5,7 @@ import Testing
 
 /// What a client sends reaches the plugin as sent: object members in the client's order
 /// (templates render schemas in that order, and a stable prompt keeps the engine's prompt
-/// cache warm).
+/// cache warm), and message names.
 @Suite("Request fidelity")
 struct RequestFidelityTests {
     /// Keys in no sorted order, nested, so a decoder that reorders them is caught.
@@ -87,5 +87,16 @@ struct RequestFidelityTests {
                 #expect(error.message.contains(" at byte "))
             }
         }
+    }
+
+    /// OpenAI allows `name` on every role; chat templates may render it.
+    @Test(arguments: ["user", "system", "assistant", "developer", "tool"])
+    func messagesMayCarryAName(role: String) throws {
+        let extra = role == "tool" ? #","tool_call_id":"c1""# : ""
+        let body = #"{"messages":[{"role":"\#(role)","content":"hi","name":"Ada"\#(extra)},{"role":"user","content":"go"}]}"#
+        let request = try RequestDecoding.decode(ChatCompletionRequest.self, from: Data(body.utf8))
+        try request.validate()
+        let message = request.normalized(maxTokens: 10, maxWallMilliseconds: 1).json["messages"]?.arrayValue?.first
+        #expect(message?["name"] == .string("Ada"))
     }
 }
