@@ -25,6 +25,7 @@ public final class LoadedModel: Sendable {
     }
 
     private let runState = Mutex(RunState())
+    private let unloading = Mutex<Task<Void, Never>?>(nil)
 
     init(id: String, modelPath: String, plugin: Plugin, handle: OpaquePointer) {
         self.id = id
@@ -129,9 +130,21 @@ public final class LoadedModel: Sendable {
         }
     }
 
-    /// Releases the engine's model. Only once no run is alive; blocks while the plugin cleans up.
-    func release() {
-        plugin.table.unload(handle)
+    /// Stops the model's runs and releases the engine's model, once: a second caller (two
+    /// unloads, an unload racing a reload or shutdown) waits for the first one's work.
+    func unload() async {
+        let task = unloading.withLock { task in
+            if let task { return task }
+            let started = Task { [self] in
+                _ = stopAccepting()
+                cancelRuns()
+                await waitUntilIdle()
+                await onDedicatedThread(name: "patchbay-unload") { self.plugin.table.unload(self.handle) }
+            }
+            task = started
+            return started
+        }
+        await task.value
     }
 
     /// Counts tokens through the plugin's optional tokenize capability.

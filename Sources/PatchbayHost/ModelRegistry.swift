@@ -24,9 +24,13 @@ public final class ModelRegistry: Sendable {
 
     private struct State {
         var models: [LoadedModel] = []
+        /// Models taken out of `models` whose unload has not finished.
+        var unloading: [LoadedModel] = []
         var loading: [String: LoadTracker] = [:]
         /// The load that started last, so a UI polling without naming a model sees it.
         var latestLoad: LoadTracker?
+        /// Set at shutdown: no model may be added any more.
+        var closed = false
     }
 
     public let plugins: PluginCatalog
@@ -101,6 +105,7 @@ public final class ModelRegistry: Sendable {
         let tracker = LoadTracker(modelID: id)
 
         let existing = try state.withLock { state throws(APIError) -> LoadedModel? in
+            if state.closed { throw Self.shuttingDown }
             if state.loading[id] != nil { throw .conflict("Model '\(id)' is already loading.", code: "load_in_progress") }
             if let model = state.models.first(where: { $0.id == id }), request.forceReload != true { return model }
             state.loading[id] = tracker
@@ -146,28 +151,39 @@ public final class ModelRegistry: Sendable {
         }
         let model = try outcome.get()
         tracker.markReady()
-        state.withLock { state in
+        let added = state.withLock { state in
+            guard !state.closed else { return false }
             state.models.removeAll { $0.id == id }
             state.models.append(model)
+            return true
+        }
+        guard added else {
+            await model.unload()
+            throw Self.shuttingDown
         }
         logger.info("model ready", metadata: ["model": .string(id), "context_length": .stringConvertible(model.contextLength ?? 0)])
         return (model, false)
     }
 
-    /// Unloads a model by id or path. A model still loading has its load cancelled.
+    /// Unloads a model by id or path. A model still loading has its load cancelled; one
+    /// already unloading is waited for.
     /// With live runs: 409, unless `forceCancelActive`, which cancels them and waits for them to end.
     /// Returns the id that was unloaded.
     @discardableResult
     public func unload(named name: String, forceCancelActive: Bool) async throws(APIError) -> String {
-        if let tracker = state.withLock({ $0.loading[name] }) {
+        func named(_ model: LoadedModel) -> Bool { model.id == name || model.modelPath == name }
+        let (tracker, loaded, leaving) = state.withLock { state in
+            (state.loading[name], state.models.first(where: named), state.unloading.first(where: named))
+        }
+        if let tracker {
             tracker.cancel()
             return tracker.modelID
         }
-        guard let model = models.first(where: { $0.id == name || $0.modelPath == name }) else {
-            throw APIError(status: 404, message: "The model '\(name)' is not loaded.", param: "model_path", code: "model_not_found")
+        if let model = loaded ?? leaving {
+            try await unload(model, forceCancelActive: forceCancelActive || loaded == nil)
+            return model.id
         }
-        try await unload(model, forceCancelActive: forceCancelActive)
-        return model.id
+        throw APIError(status: 404, message: "The model '\(name)' is not loaded.", param: "model_path", code: "model_not_found")
     }
 
     private func unload(_ model: LoadedModel, forceCancelActive: Bool) async throws(APIError) {
@@ -175,20 +191,33 @@ public final class ModelRegistry: Sendable {
             throw .conflict("Model '\(model.id)' has \(model.activeRunCount) active generation(s); cancel them or pass force_cancel_active=true.",
                             code: "active_generations")
         }
-        state.withLock { $0.models.removeAll { $0 === model } }
-        _ = model.stopAccepting()
-        model.cancelRuns()
-        await model.waitUntilIdle()
-        await onDedicatedThread(name: "patchbay-unload") { model.release() }
-        logger.info("model unloaded", metadata: ["model": .string(model.id)])
+        let first = state.withLock { state in
+            let wasListed = state.models.contains { $0 === model }
+            state.models.removeAll { $0 === model }
+            if wasListed { state.unloading.append(model) }
+            return wasListed
+        }
+        await model.unload()
+        state.withLock { $0.unloading.removeAll { $0 === model } }
+        if first { logger.info("model unloaded", metadata: ["model": .string(model.id)]) }
     }
 
-    /// Unloads everything (shutdown): cancels loads and runs, then releases every model.
+    /// Unloads everything (shutdown): cancels loads and waits for them to return, then
+    /// cancels the runs and releases every model. No model can be added afterwards.
     public func unloadAll() async {
-        let (models, loads) = state.withLock { ($0.models, Array($0.loading.values)) }
+        let loads = state.withLock { state in
+            state.closed = true
+            return Array(state.loading.values)
+        }
         for load in loads { load.cancel() }
-        for model in models { try? await unload(model, forceCancelActive: true) }
+        let deadline = ContinuousClock.now + .seconds(30)
+        while !state.withLock({ $0.loading.isEmpty }) && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        for model in state.withLock({ $0.models + $0.unloading }) { try? await unload(model, forceCancelActive: true) }
     }
+
+    public static let shuttingDown = APIError(status: 503, message: "The server is shutting down.", code: "server_shutting_down")
 
     /// Progress of the named load, or of the latest one.
     public func loadProgress(modelID: String? = nil) -> LoadProgress {

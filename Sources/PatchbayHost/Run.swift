@@ -6,9 +6,11 @@ import Synchronization
 /// One generation on a plugin: created (cheap, validates), then executed on a
 /// thread of its own, while `cancel()` may be called from anywhere.
 ///
-/// The plugin's run handle is destroyed when the last reference goes: after
-/// execution returned and after the cancel registry let go of it, so a late
-/// cancel never touches a freed handle.
+/// The run ends when the plugin's execution returns (its terminal event delivered): the
+/// handle is destroyed then, the model no longer counts the run, and the `onEnd` hooks
+/// run. How fast a client reads what is left does not matter to the engine or to an
+/// unload. A run that is never started is destroyed when the last reference goes.
+/// Cancel and destroy exclude each other, so a late cancel never touches a freed handle.
 public final class Run: Sendable {
     /// Why a run was asked to stop; a run stopped by the host's wall-clock cap reports
     /// a time-limit finish, not a cancel.
@@ -28,6 +30,12 @@ public final class Run: Sendable {
     /// Set once the terminal event was delivered; anything after it is dropped.
     private let ended = Atomic<Bool>(false)
     private let startedAt = ContinuousClock.now
+    /// The handle's life: live until destroyed, with what to call when that happens.
+    private struct Life {
+        var destroyed = false
+        var endHooks: [@Sendable () -> Void] = []
+    }
+    private let life = Mutex(Life())
 
     init(model: LoadedModel, id: UInt64, handle: OpaquePointer, inputs: ByteInputStorage?) {
         self.model = model
@@ -38,15 +46,41 @@ public final class Run: Sendable {
     }
 
     deinit {
+        destroy()
+    }
+
+    /// Destroys the plugin's handle (once) and tells whoever waits for the run's end.
+    private func destroy() {
+        let hooks = life.withLock { life -> [@Sendable () -> Void]? in
+            guard !life.destroyed else { return nil }
+            life.destroyed = true
+            defer { life.endHooks = [] }
+            return life.endHooks
+        }
+        guard let hooks else { return }
         model.plugin.table.run_destroy(handle)
         model.runEnded(id)
+        for hook in hooks { hook() }
+    }
+
+    /// Calls `body` once when the run has ended (at once if it has).
+    public func onEnd(_ body: @escaping @Sendable () -> Void) {
+        let ended = life.withLock { life in
+            if !life.destroyed { life.endHooks.append(body) }
+            return life.destroyed
+        }
+        if ended { body() }
     }
 
     /// Asks the plugin to stop this run. Idempotent, thread-safe, non-blocking.
     /// The first reason given is the one the run reports.
     public func cancel(reason: CancelReason = .request) {
         _ = cancelReason.compareExchange(expected: 0, desired: reason.rawValue, ordering: .relaxed)
-        model.plugin.table.run_cancel(handle)
+        // run_cancel is non-blocking, so holding the lock over it is cheap; it keeps
+        // destroy() from freeing the handle meanwhile.
+        life.withLock { life in
+            if !life.destroyed { model.plugin.table.run_cancel(handle) }
+        }
         channel.release()
     }
 
@@ -77,6 +111,7 @@ public final class Run: Sendable {
                 deliver(.error(APIError(status: 502, message: "The backend '\(model.plugin.name)' ended the run without a result.",
                                         code: "plugin_error")))
             }
+            destroy()
         }
         thread.name = "patchbay-run"
         thread.start()

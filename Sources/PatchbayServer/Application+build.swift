@@ -3,14 +3,19 @@ import Logging
 import PatchbayCore
 import PatchbayHost
 import ServiceLifecycle
+import Synchronization
+import UnixSignals
 
 /// Builds the HTTP application. The executable and the route tests both use this.
 public func buildApplication(state: ServerState) -> some ApplicationProtocol {
-    let router = Router()
+    let configuration = state.configuration
+    let router = Router(context: PatchbayRequestContext.self)
+    // Outermost: requests a web page must not make never reach a route or the key check.
+    router.add(middleware: RequestGuard(policy: OriginPolicy(
+        boundHost: configuration.host, allowedHosts: configuration.allowedHosts, corsOrigins: configuration.corsOrigins)))
     router.add(middleware: ErrorMiddleware(logger: state.logger))
-    if let apiKey = state.configuration.apiKey, !apiKey.isEmpty {
-        router.add(middleware: AuthMiddleware(apiKey: apiKey))
-    }
+    let auth = AuthMiddleware<PatchbayRequestContext>(apiKey: configuration.apiKey, adminKey: configuration.adminKey)
+    if auth.isEnabled { router.add(middleware: auth) }
     router.get("/health") { _, _ in JSONResponse.value(.object([("status", .string("ok"))])) }
     ChatCompletionsRoutes(state: state).register(on: router)
     MessagesRoutes(state: state).register(on: router)
@@ -22,12 +27,14 @@ public func buildApplication(state: ServerState) -> some ApplicationProtocol {
     PluginsRoutes(state: state).register(on: router)
     return Application(
         router: router,
-        configuration: .init(address: .hostname(state.configuration.host, port: state.configuration.port), serverName: "patchbay"),
+        server: .http1(configuration: .init(additionalChannelHandlers: [ClientDepartureHandler()])),
+        configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "patchbay"),
         logger: state.logger)
 }
 
-/// On graceful shutdown: lets in-flight generations finish for the grace period, then
-/// cancels the rest and waits for their streams to end, so the HTTP server can close.
+/// On graceful shutdown: refuses new generations (503), lets in-flight ones finish for
+/// the grace period, then cancels the rest and waits for their engines to stop, so the
+/// HTTP server can close. A second SIGINT/SIGTERM ends the grace period at once.
 /// Runs before the server is asked to stop (it is listed after it in the service group).
 public struct GenerationDrain: Service {
     let state: ServerState
@@ -38,22 +45,40 @@ public struct GenerationDrain: Service {
 
     public func run() async throws {
         try? await gracefulShutdown()
+        state.beginStopping()
+        defer { state.hurry() }
         let cancels = state.cancels
         let live = cancels.liveRunCount
         guard live > 0 else { return }
-        state.logger.info("draining in-flight generations", metadata: ["count": .stringConvertible(live)])
-        if await waitUntilIdle(cancels, for: state.configuration.shutdownGracePeriod) { return }
+        state.logger.info("draining in-flight generations; a second signal stops them now", metadata: ["count": .stringConvertible(live)])
+        let impatience = SecondSignal()
+        let listener = Task {
+            for await _ in await UnixSignalsSequence(trapping: .sigterm, .sigint) {
+                impatience.raise()
+                return
+            }
+        }
+        defer { listener.cancel() }
+        if await waitUntilIdle(cancels, for: state.configuration.shutdownGracePeriod, unless: impatience) { return }
         let cancelled = cancels.cancelAll()
         state.logger.warning("grace period over; cancelled generations", metadata: ["count": .stringConvertible(cancelled)])
-        _ = await waitUntilIdle(cancels, for: .seconds(5))
+        _ = await waitUntilIdle(cancels, for: .seconds(5), unless: nil)
     }
 
-    private func waitUntilIdle(_ cancels: CancelRegistry, for duration: Duration) async -> Bool {
+    /// True when every run ended in time; false on timeout or once `interrupt` was raised.
+    private func waitUntilIdle(_ cancels: CancelRegistry, for duration: Duration, unless interrupt: SecondSignal?) async -> Bool {
         let deadline = ContinuousClock.now + duration
         while cancels.liveRunCount > 0 {
-            if ContinuousClock.now >= deadline { return false }
+            if ContinuousClock.now >= deadline || interrupt?.isRaised == true { return false }
             try? await Task.sleep(for: .milliseconds(20))
         }
         return true
     }
+}
+
+/// Set when a second SIGINT/SIGTERM arrives during the grace period.
+private final class SecondSignal: Sendable {
+    private let raised = Atomic<Bool>(false)
+    func raise() { raised.store(true, ordering: .relaxed) }
+    var isRaised: Bool { raised.load(ordering: .relaxed) }
 }

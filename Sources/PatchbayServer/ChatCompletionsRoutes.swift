@@ -8,11 +8,11 @@ import PatchbayHost
 struct ChatCompletionsRoutes {
     let state: ServerState
 
-    func register(on router: Router<some RequestContext>) {
-        router.post("/v1/chat/completions") { request, _ in try await handle(request) }
+    func register(on router: Router<PatchbayRequestContext>) {
+        router.post("/v1/chat/completions") { request, context in try await handle(request, connection: context.connection) }
     }
 
-    func handle(_ request: Request) async throws -> Response {
+    func handle(_ request: Request, connection: ClientConnection?) async throws -> Response {
         let chat = try await state.decodeBody(ChatCompletionRequest.self, of: request)
         try chat.validate()
         let model = try state.models.model(named: chat.model)
@@ -24,7 +24,7 @@ struct ChatCompletionsRoutes {
         let created = Int(Date().timeIntervalSince1970)
         let lease = try state.startRun(on: model, request: normalized, keys: [
             chat.cancelID.map(CancelRegistry.Key.cancelID), chat.sessionID.map(CancelRegistry.Key.session), .completion(id),
-        ].compactMap { $0 })
+        ].compactMap { $0 }, connection: connection)
 
         guard chat.isStreaming else {
             let result = try await lease.collect()

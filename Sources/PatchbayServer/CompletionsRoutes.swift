@@ -7,11 +7,11 @@ import PatchbayHost
 struct CompletionsRoutes {
     let state: ServerState
 
-    func register(on router: Router<some RequestContext>) {
-        router.post("/v1/completions") { request, _ in try await handle(request) }
+    func register(on router: Router<PatchbayRequestContext>) {
+        router.post("/v1/completions") { request, context in try await handle(request, connection: context.connection) }
     }
 
-    func handle(_ request: Request) async throws -> Response {
+    func handle(_ request: Request, connection: ClientConnection?) async throws -> Response {
         let completion = try await state.decodeBody(CompletionRequest.self, of: request)
         try completion.validate()
         let model = try state.models.model(named: completion.model)
@@ -22,7 +22,7 @@ struct CompletionsRoutes {
         let created = Int(Date().timeIntervalSince1970)
         let lease = try state.startRun(on: model, request: normalized, keys: [
             completion.cancelID.map(CancelRegistry.Key.cancelID), completion.sessionID.map(CancelRegistry.Key.session), .completion(id),
-        ].compactMap { $0 })
+        ].compactMap { $0 }, connection: connection)
         let echo = completion.echo == true ? normalized.prompt : nil
 
         guard completion.isStreaming else {

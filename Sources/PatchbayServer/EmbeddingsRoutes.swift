@@ -6,7 +6,7 @@ import PatchbayHost
 struct EmbeddingsRoutes {
     let state: ServerState
 
-    func register(on router: Router<some RequestContext>) {
+    func register(on router: Router<PatchbayRequestContext>) {
         router.post("/v1/embeddings") { request, _ in try await handle(request) }
     }
 

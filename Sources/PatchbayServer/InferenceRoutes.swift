@@ -8,7 +8,7 @@ import PatchbayHost
 struct InferenceRoutes {
     let state: ServerState
 
-    func register(on router: Router<some RequestContext>) {
+    func register(on router: Router<PatchbayRequestContext>) {
         let group = router.group("/api/inference")
         group.post("/load") { request, _ in try await load(request) }
         group.post("/unload") { request, _ in try await unload(request) }
@@ -21,6 +21,7 @@ struct InferenceRoutes {
     }
 
     private func load(_ request: Request) async throws -> Response {
+        if state.isStopping { throw ModelRegistry.shuttingDown }
         let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
         let load = try RequestDecoding.decode(LoadModelRequest.self, from: body)
         let raw = try RequestDecoding.decode(JSONValue.self, from: body)

@@ -8,12 +8,12 @@ import PatchbayHost
 struct MessagesRoutes {
     let state: ServerState
 
-    func register(on router: Router<some RequestContext>) {
-        router.post("/v1/messages") { request, _ in try await messages(request) }
+    func register(on router: Router<PatchbayRequestContext>) {
+        router.post("/v1/messages") { request, context in try await messages(request, connection: context.connection) }
         router.post("/v1/messages/count_tokens") { request, _ in try await countTokens(request) }
     }
 
-    func messages(_ request: Request) async throws -> Response {
+    func messages(_ request: Request, connection: ClientConnection?) async throws -> Response {
         let messages = try await state.decodeBody(AnthropicMessagesRequest.self, of: request)
         try messages.validate()
         let model = try state.models.model(named: messages.model)
@@ -24,7 +24,7 @@ struct MessagesRoutes {
         let id = "msg_\(randomHex(24))"
         let lease = try state.startRun(on: model, request: normalized, keys: [
             messages.cancelID.map(CancelRegistry.Key.cancelID), messages.sessionID.map(CancelRegistry.Key.session), .message(id),
-        ].compactMap { $0 })
+        ].compactMap { $0 }, connection: connection)
 
         guard messages.isStreaming else {
             let result = try await lease.collect()

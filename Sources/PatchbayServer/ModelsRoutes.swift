@@ -6,7 +6,7 @@ import PatchbayHost
 struct ModelsRoutes {
     let state: ServerState
 
-    func register(on router: Router<some RequestContext>) {
+    func register(on router: Router<PatchbayRequestContext>) {
         router.get("/v1/models") { _, _ in
             JSONResponse.value(.object([
                 ("object", .string("list")),
@@ -31,7 +31,6 @@ extension LoadedModel {
             ("created", .int(Int64(loadedAt.timeIntervalSince1970))),
             ("owned_by", .string("patchbay")),
             ("backend", .string(plugin.name)),
-            ("model_path", .string(modelPath)),
             ("context_length", contextLength.map { .int(Int64($0)) } ?? .null),
             ("capabilities", .array(capabilities.names.map(JSONValue.string))),
         ] + detailMembers)

@@ -1,3 +1,4 @@
+import Foundation
 import Hummingbird
 import PatchbayCore
 import PatchbayHost
@@ -6,7 +7,7 @@ import PatchbayHost
 struct PluginsRoutes {
     let state: ServerState
 
-    func register(on router: Router<some RequestContext>) {
+    func register(on router: Router<PatchbayRequestContext>) {
         router.get("/api/plugins") { _, _ in
             JSONResponse.value(.object([
                 ("plugins", .array(state.plugins.plugins.map(\.descriptor))),
@@ -15,14 +16,37 @@ struct PluginsRoutes {
         }
         router.post("/api/plugins/load") { request, _ in
             let load = try await state.decodeBody(PluginLoadRequest.self, of: request)
+            let path = try pluginPath(load.path)
             do throws(PluginLoadError) {
-                let plugin = try state.plugins.load(path: load.path)
+                let plugin = try state.plugins.load(path: path)
                 return JSONResponse.value(plugin.descriptor)
             } catch {
                 let status = error.reason.hasPrefix("no such file") ? 404 : (error.reason.contains("already loaded") ? 409 : 400)
                 throw APIError(status: status, message: "Plugin refused: \(error.description)", param: "path", code: "plugin_refused")
             }
         }
+    }
+}
+
+extension PluginsRoutes {
+    /// Opening a library runs its code, so only the operator chooses which: a library loads
+    /// only from a `--plugin-dir` folder (a bare file name is looked up in them), never
+    /// from a path a request makes up. Checked before anything touches the file.
+    func pluginPath(_ requested: String) throws(APIError) -> String {
+        let directories = state.configuration.pluginDirectories.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+        let refusal = APIError(
+            status: 403,
+            message: "Plugins load only from the --plugin-dir folders (\(directories.isEmpty ? "none given" : directories.joined(separator: ", "))); copy the library there first.",
+            param: "path", code: "plugin_path_not_allowed")
+        if !requested.contains("/") {
+            guard !requested.isEmpty, requested != ".", requested != "..",
+                  let directory = directories.first(where: { FileManager.default.fileExists(atPath: $0 + "/" + requested) }) ?? directories.first
+            else { throw refusal }
+            return directory + "/" + requested
+        }
+        let path = URL(fileURLWithPath: requested).standardizedFileURL
+        guard requested.hasPrefix("/"), directories.contains(path.deletingLastPathComponent().path) else { throw refusal }
+        return path.path
     }
 }
 

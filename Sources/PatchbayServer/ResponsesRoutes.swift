@@ -8,11 +8,11 @@ import PatchbayHost
 struct ResponsesRoutes {
     let state: ServerState
 
-    func register(on router: Router<some RequestContext>) {
-        router.post("/v1/responses") { request, _ in try await handle(request) }
+    func register(on router: Router<PatchbayRequestContext>) {
+        router.post("/v1/responses") { request, context in try await handle(request, connection: context.connection) }
     }
 
-    func handle(_ request: Request) async throws -> Response {
+    func handle(_ request: Request, connection: ClientConnection?) async throws -> Response {
         let responses = try await state.decodeBody(ResponsesRequest.self, of: request)
         try responses.validate()
         let model = try state.models.model(named: responses.model)
@@ -23,7 +23,7 @@ struct ResponsesRoutes {
         let id = "resp_\(randomHex(24))"
         let lease = try state.startRun(on: model, request: normalized, keys: [
             responses.cancelID.map(CancelRegistry.Key.cancelID), responses.sessionID.map(CancelRegistry.Key.session), .completion(id),
-        ].compactMap { $0 })
+        ].compactMap { $0 }, connection: connection)
         let response = ResponseState(id: id, model: model.id, createdAt: Int(Date().timeIntervalSince1970))
 
         guard responses.isStreaming else {

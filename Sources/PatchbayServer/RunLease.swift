@@ -1,34 +1,57 @@
 import Hummingbird
+import Synchronization
 import PatchbayCore
 import PatchbayHost
 
-/// Holds a run's place in the cancel registry for as long as its response exists.
+/// A run as its HTTP response sees it: in the cancel registry until the engine ends it,
+/// watched for a client that leaves, and written with a timeout.
 ///
-/// It is registered before the response starts, and removed on every exit path:
-/// explicitly when the run ends, and by `deinit` when a response is dropped
-/// unfinished (client gone, write failed), which also stops the engine.
+/// - The run leaves the cancel registry when the engine delivered its terminal event, not
+///   when the response is written: neither an unload nor shutdown waits on a client.
+/// - A client that goes away (closes its side, or the connection drops) cancels the run,
+///   also while a non-streaming request or a silent engine writes nothing.
+/// - A write the client does not take within the write timeout (it stopped reading)
+///   cuts the connection, which fails the write and cancels the run.
+/// - A response dropped unfinished cancels the run (`deinit`).
 final class RunLease: Sendable {
     let run: Run
-    private let registry: CancelRegistry
-    private let registration: CancelRegistry.RunID
+    let keepAliveInterval: Duration
+    private let connection: ClientConnection?
+    private let connectionHook: UInt64?
+    private let writes: WriteClock
     private let watchdog: Task<Void, Never>
     private let heartbeat: Task<Void, Never>
-    let keepAliveInterval: Duration
 
-    init(run: Run, keys: [CancelRegistry.Key], registry: CancelRegistry, maxDuration: Duration, keepAliveInterval: Duration) {
+    init(run: Run, keys: [CancelRegistry.Key], registry: CancelRegistry, maxDuration: Duration, keepAliveInterval: Duration,
+         writeTimeout: @escaping @Sendable () -> Duration, connection: ClientConnection?) {
         self.run = run
-        self.registry = registry
         self.keepAliveInterval = keepAliveInterval
-        registration = registry.register(keys) { [run] in run.cancel() }
+        self.connection = connection
+        let writes = WriteClock()
+        self.writes = writes
+        let registration = registry.register(keys) { [run] in run.cancel() }
         // The backstop behind the plugin's own max_wall_ms; the run then reports a time-limit finish.
-        watchdog = Task { [run] in
+        let watchdog = Task { [run] in
             guard (try? await Task.sleep(for: maxDuration)) != nil else { return }
             run.cancel(reason: .timeLimit)
         }
-        // Wakes the response's writer while the engine is silent, for keep-alive writes.
-        heartbeat = Task { [run] in
-            while (try? await Task.sleep(for: keepAliveInterval)) != nil { run.wake() }
+        self.watchdog = watchdog
+        run.onEnd {
+            registry.unregister(registration)
+            watchdog.cancel()
         }
+        // Wakes the response's writer while the engine is silent, for keep-alive writes, and
+        // cuts a connection whose client stopped taking what is written.
+        heartbeat = Task { [run, writes, connection] in
+            while (try? await Task.sleep(for: keepAliveInterval)) != nil {
+                run.wake()
+                if writes.stalled(longerThan: writeTimeout()) {
+                    run.cancel()
+                    connection?.close()
+                }
+            }
+        }
+        connectionHook = connection?.onGone { [weak run] in run?.cancel() }
         run.start()
     }
 
@@ -37,11 +60,17 @@ final class RunLease: Sendable {
         run.cancel()
     }
 
-    /// Deregisters the run; idempotent.
+    /// The response is done with the run; idempotent.
     func end() {
-        registry.unregister(registration)
-        watchdog.cancel()
         heartbeat.cancel()
+        if let connectionHook { connection?.removeHook(connectionHook) }
+    }
+
+    /// Writes through `writer`, timed by the heartbeat's stall check.
+    func write(_ bytes: [UInt8], to writer: inout any ResponseBodyWriter) async throws {
+        writes.begin()
+        defer { writes.end() }
+        try await writer.write(ByteBuffer(bytes: bytes))
     }
 
     /// Waits for the run's first output, before a streaming response commits to 200. An
@@ -124,7 +153,7 @@ extension RunLease {
                     SSE.comment("keep-alive", into: &out)
                     lastSign = .now
                 }
-                if !out.isEmpty { try await writer.write(ByteBuffer(bytes: out)) }
+                if !out.isEmpty { try await write(out, to: &writer) }
             }
             try await writer.finish(nil)
         })
@@ -133,10 +162,16 @@ extension RunLease {
 
 extension ServerState {
     /// Creates, registers and starts a run; the returned lease is already in the cancel registry.
-    func startRun(on model: LoadedModel, request: NormalizedRequest, keys: [CancelRegistry.Key]) throws(APIError) -> RunLease {
+    /// During shutdown, new generations are refused with 503.
+    func startRun(on model: LoadedModel, request: NormalizedRequest, keys: [CancelRegistry.Key],
+                  connection: ClientConnection?) throws(APIError) -> RunLease {
+        if isStopping {
+            throw APIError(status: 503, message: "The server is shutting down.", code: "server_shutting_down", retryAfterSeconds: 5)
+        }
         let run = try model.createRun(request)
         return RunLease(run: run, keys: keys, registry: cancels, maxDuration: configuration.maxGenerationDuration + .seconds(1),
-                        keepAliveInterval: configuration.keepAliveInterval)
+                        keepAliveInterval: configuration.keepAliveInterval, writeTimeout: { [self] in currentWriteTimeout },
+                        connection: connection)
     }
 
     /// `max_tokens` when the client sets none: the model's context length, never a small number.
@@ -147,5 +182,25 @@ extension ServerState {
     var maxWallMilliseconds: Int {
         let (seconds, attoseconds) = configuration.maxGenerationDuration.components
         return Int(seconds) * 1000 + Int(attoseconds / 1_000_000_000_000_000)
+    }
+}
+
+/// When the write in progress began, so that a heartbeat can tell a stalled one.
+final class WriteClock: Sendable {
+    /// Nanoseconds since `origin` when the current write began; -1 when none is in progress.
+    private let startedAt = Atomic<Int64>(-1)
+    private let origin = ContinuousClock.now
+
+    func begin() { startedAt.store(Self.nanoseconds(ContinuousClock.now - origin), ordering: .relaxed) }
+    func end() { startedAt.store(-1, ordering: .relaxed) }
+
+    func stalled(longerThan limit: Duration) -> Bool {
+        let started = startedAt.load(ordering: .relaxed)
+        return started >= 0 && Self.nanoseconds(ContinuousClock.now - origin) - started >= Self.nanoseconds(limit)
+    }
+
+    private static func nanoseconds(_ duration: Duration) -> Int64 {
+        let (seconds, attoseconds) = duration.components
+        return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
     }
 }

@@ -2,10 +2,23 @@
 public struct ServerConfiguration: Sendable {
     public var host = "127.0.0.1"
     public var port = 8000
-    /// Shared libraries in this folder are opened as plugins at start.
-    public var pluginDirectory: String?
+    /// Shared libraries in these folders are opened as plugins at start, and
+    /// `/api/plugins/load` opens libraries from these folders only.
+    public var pluginDirectories: [String] = []
     /// When set, every route but `/health` needs `Authorization: Bearer <key>` or `x-api-key: <key>`.
     public var apiKey: String?
+    /// When set, the management routes (load, unload, validate, plugins) need this key
+    /// instead of `apiKey`; it is accepted on every other route too.
+    public var adminKey: String?
+    /// Host names accepted in the `Host` header besides loopback names and the bound
+    /// address: exact names, `*.example.com` for a domain's subdomains, or `*` for any.
+    public var allowedHosts: [String] = []
+    /// Web origins (`https://app.example.com`) whose pages may call the API, or `*` for
+    /// any. Empty: cross-origin requests are refused.
+    public var corsOrigins: [String] = []
+    /// A response write the client does not take for this long cuts the connection
+    /// (a client that stopped reading must not hold an engine).
+    public var writeTimeout: Duration = .seconds(30)
     /// Request bodies larger than this are refused with 413.
     public var maxBodyBytes = 100 * 1024 * 1024
     /// The wall-clock cap on one generation, the second line of defence after `max_tokens`.

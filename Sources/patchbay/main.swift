@@ -19,8 +19,25 @@ struct Serve: AsyncParsableCommand {
 
     @Option(help: "Address to bind.") var host = "127.0.0.1"
     @Option(help: "Port to listen on.") var port = 8000
-    @Option(help: "Folder whose shared libraries are loaded as backend plugins.") var pluginDir: String?
+    @Option(help: ArgumentHelp(
+        "Folder whose shared libraries are loaded as backend plugins (repeatable).",
+        discussion: "POST /api/plugins/load opens libraries from these folders only."))
+    var pluginDir: [String] = []
     @Option(help: "Require this key (Authorization: Bearer, or x-api-key). Also read from PATCHBAY_API_KEY.") var apiKey: String?
+    @Option(help: ArgumentHelp(
+        "Require this key on the management routes (load, unload, validate, plugins). Also read from PATCHBAY_ADMIN_KEY.",
+        discussion: "Without it, --api-key guards those routes too."))
+    var adminKey: String?
+    @Option(help: ArgumentHelp(
+        "Host names to accept in the Host header besides loopback names and the bound address (repeatable or comma-separated; '*.example.com', '*').",
+        discussion: "Requests naming another host are refused (403): this stops DNS-rebinding web pages."))
+    var allowedHosts: [String] = []
+    @Option(help: ArgumentHelp(
+        "Web origins whose pages may call the API, e.g. https://chat.example.com (repeatable or comma-separated; '*' for any). Also read from PATCHBAY_CORS_ORIGINS.",
+        discussion: "Without it, requests from pages of other origins are refused (403)."))
+    var corsOrigins: [String] = []
+    @Option(help: "A response write the client does not take within this many seconds cuts its connection and stops its generation.")
+    var writeTimeoutSeconds = 30.0
     @Option(help: "Largest accepted request body, in MiB.") var maxBodyMb = 100
     @Option(help: "Wall-clock cap on one generation, in seconds.") var maxGenerationSeconds = 600
     @Option(help: "On SIGTERM/SIGINT, how long in-flight generations may finish before they are cancelled, in seconds.")
@@ -38,6 +55,7 @@ struct Serve: AsyncParsableCommand {
         guard maxBodyMb > 0 else { throw ValidationError("--max-body-mb must be positive") }
         guard maxGenerationSeconds > 0 else { throw ValidationError("--max-generation-seconds must be positive") }
         guard shutdownGraceSeconds >= 0 else { throw ValidationError("--shutdown-grace-seconds must not be negative") }
+        guard writeTimeoutSeconds >= 1 && writeTimeoutSeconds <= 3600 else { throw ValidationError("--write-timeout-seconds must be in 1...3600") }
         guard keepAliveSeconds >= 0.05 && keepAliveSeconds <= 60 else { throw ValidationError("--keep-alive-seconds must be in 0.05...60") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
     }
@@ -48,13 +66,17 @@ struct Serve: AsyncParsableCommand {
         var configuration = ServerConfiguration()
         configuration.host = host
         configuration.port = port
-        configuration.pluginDirectory = pluginDir
-        configuration.apiKey = apiKey ?? ProcessInfo.processInfo.environment["PATCHBAY_API_KEY"]
+        let environment = ProcessInfo.processInfo.environment
+        configuration.pluginDirectories = pluginDir
+        configuration.apiKey = apiKey ?? environment["PATCHBAY_API_KEY"]
+        configuration.adminKey = adminKey ?? environment["PATCHBAY_ADMIN_KEY"]
+        configuration.allowedHosts = Self.list(allowedHosts)
+        configuration.corsOrigins = Self.list(corsOrigins.isEmpty ? [environment["PATCHBAY_CORS_ORIGINS"] ?? ""] : corsOrigins)
+        configuration.writeTimeout = .milliseconds(Int(writeTimeoutSeconds * 1000))
         configuration.maxBodyBytes = maxBodyMb * 1024 * 1024
         configuration.maxGenerationDuration = .seconds(maxGenerationSeconds)
         configuration.shutdownGracePeriod = .seconds(shutdownGraceSeconds)
-        configuration.backendPreference = preferBackend.flatMap { $0.split(separator: ",") }
-            .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        configuration.backendPreference = Self.list(preferBackend)
         configuration.keepAliveInterval = .milliseconds(Int(keepAliveSeconds * 1000))
 
         let state = ServerState(configuration: configuration, logger: logger)
@@ -71,5 +93,10 @@ struct Serve: AsyncParsableCommand {
         await state.models.unloadAll()
         state.plugins.shutdownAll()
         logger.info("stopped")
+    }
+
+    /// Repeated and comma-separated values as one list.
+    static func list(_ values: [String]) -> [String] {
+        values.flatMap { $0.split(separator: ",") }.map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
     }
 }

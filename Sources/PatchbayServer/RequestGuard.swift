@@ -1,0 +1,128 @@
+import Foundation
+import HTTPTypes
+import Hummingbird
+import PatchbayCore
+
+/// Keeps web pages the user happens to open from driving the server.
+///
+/// - `Host` must name this server (DNS rebinding sends the attacker's name).
+/// - A request from a page (`Origin`) of another origin is refused unless the operator
+///   allowed that origin (`--cors-origins`), which also answers CORS preflights.
+/// - A POST must say its body is JSON. A page can send `text/plain`, form or
+///   multipart bodies cross-site without a preflight; a JSON content type it cannot.
+struct RequestGuard<Context: RequestContext>: RouterMiddleware {
+    let policy: OriginPolicy
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        let dialect = Dialect(path: request.uri.path)
+        // HTTP/1's Host header arrives as the request's authority.
+        let host = request.head.authority
+        if let host, !policy.allowsHost(host) {
+            return dialect.response(for: APIError(
+                status: 403, message: "Host '\(host)' is not allowed. Start patchbay with --allowed-hosts \(OriginPolicy.hostName(host)) to serve it.",
+                code: "host_not_allowed"))
+        }
+        let origin = request.headers[.origin]
+        var allowedOrigin: String?
+        if let origin {
+            if policy.allowsCrossOrigin(origin) {
+                allowedOrigin = origin
+            } else if !OriginPolicy.isSameOrigin(origin, host: host) {
+                return dialect.response(for: APIError(
+                    status: 403, message: "Requests from web pages at '\(origin)' are not allowed. Start patchbay with --cors-origins \(origin) to allow them.",
+                    code: "origin_not_allowed"))
+            }
+        }
+        if request.method == .options, let allowedOrigin, request.headers[.accessControlRequestMethod] != nil {
+            var response = Response(status: .noContent)
+            policy.addPreflightHeaders(to: &response.headers, origin: allowedOrigin, requestedHeaders: request.headers[.accessControlRequestHeaders])
+            return response
+        }
+        if request.method == .post, !Self.isJSON(request.headers[.contentType]) {
+            let given = request.headers[.contentType].map { "'\($0)'" } ?? "none"
+            return dialect.response(for: APIError(
+                status: 415, message: "Content-Type must be application/json (got \(given)).", code: "unsupported_media_type"))
+        }
+        var response = try await next(request, context)
+        if let allowedOrigin { policy.addHeaders(to: &response.headers, origin: allowedOrigin) }
+        return response
+    }
+
+    /// `application/json`, with parameters (`; charset=utf-8`), or a `+json` type.
+    static func isJSON(_ contentType: String?) -> Bool {
+        guard let contentType else { return false }
+        let mediaType = contentType.split(separator: ";", maxSplits: 1).first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
+        return mediaType == "application/json" || (mediaType.hasPrefix("application/") && mediaType.hasSuffix("+json"))
+    }
+}
+
+/// Which `Host` names and web origins the operator allows.
+struct OriginPolicy: Sendable {
+    /// The address the server is bound to (`--host`).
+    var boundHost: String
+    var allowedHosts: [String]
+    var corsOrigins: [String]
+
+    /// Loopback names and addresses always; the bound address; with a wildcard bind
+    /// (0.0.0.0, ::) any IP address, since clients reach the machine by its addresses
+    /// (a rebinding attack needs a DNS name); and the operator's names.
+    func allowsHost(_ hostHeader: String) -> Bool {
+        let name = Self.hostName(hostHeader)
+        if name == "localhost" || name.hasSuffix(".localhost") || Self.isLoopbackAddress(name) { return true }
+        let bound = boundHost.lowercased().trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+        if name == bound { return true }
+        if ["0.0.0.0", "::", ""].contains(bound), Self.isIPAddress(name) { return true }
+        return allowedHosts.contains { pattern in
+            let pattern = pattern.lowercased()
+            if pattern == "*" { return true }
+            if pattern.hasPrefix("*.") { return name.hasSuffix(pattern.dropFirst()) }
+            return name == pattern
+        }
+    }
+
+    func allowsCrossOrigin(_ origin: String) -> Bool {
+        corsOrigins.contains { $0 == "*" || $0.lowercased() == origin.lowercased() }
+    }
+
+    /// A page served by this server itself (same scheme-less host and port).
+    static func isSameOrigin(_ origin: String, host: String?) -> Bool {
+        guard let host, let url = URL(string: origin), let originHost = url.host, ["http", "https"].contains(url.scheme ?? "") else { return false }
+        let originAuthority = (originHost.contains(":") ? "[\(originHost)]" : originHost) + (url.port.map { ":\($0)" } ?? "")
+        return originAuthority.lowercased() == host.lowercased()
+    }
+
+    func addHeaders(to headers: inout HTTPFields, origin: String) {
+        headers[.accessControlAllowOrigin] = origin
+        headers[.vary] = "Origin"
+        headers[.accessControlExposeHeaders] = "Retry-After"
+    }
+
+    func addPreflightHeaders(to headers: inout HTTPFields, origin: String, requestedHeaders: String?) {
+        addHeaders(to: &headers, origin: origin)
+        headers[.accessControlAllowMethods] = "GET, POST, OPTIONS"
+        headers[.accessControlAllowHeaders] = requestedHeaders ?? "authorization, content-type, x-api-key, anthropic-version"
+        headers[.accessControlMaxAge] = "600"
+    }
+
+    /// The name in a `Host` header, lowercased, without port or IPv6 brackets.
+    static func hostName(_ hostHeader: String) -> String {
+        let value = hostHeader.lowercased()
+        if value.hasPrefix("["), let end = value.firstIndex(of: "]") {
+            return String(value[value.index(after: value.startIndex)..<end])
+        }
+        if value.filter({ $0 == ":" }).count == 1, let colon = value.firstIndex(of: ":") { return String(value[..<colon]) }
+        return value
+    }
+
+    static func isIPAddress(_ name: String) -> Bool {
+        var v4 = in_addr()
+        var v6 = in6_addr()
+        return inet_pton(AF_INET, name, &v4) == 1 || inet_pton(AF_INET6, name, &v6) == 1
+    }
+
+    static func isLoopbackAddress(_ name: String) -> Bool {
+        var v4 = in_addr()
+        if inet_pton(AF_INET, name, &v4) == 1 { return UInt32(bigEndian: v4.s_addr) >> 24 == 127 }
+        return name == "::1"
+    }
+}
