@@ -8,6 +8,7 @@ public struct NormalizedRequest: Sendable {
     public var kind: Kind
     public var messages: [JSONValue] = []
     public var prompt: String?
+    /// At most `maxTokensLimit`, whatever the client asked for.
     public var maxTokens: Int
     public var maxWallMilliseconds: Int
     public var sampling = Sampling()
@@ -23,9 +24,12 @@ public struct NormalizedRequest: Sendable {
     public var audioInput: String?
     public var language: String?
 
+    /// Plugins read `max_tokens` into a C `int`, so a client's `Int.max` ("no limit") must not overflow it.
+    public static let maxTokensLimit = Int(Int32.max)
+
     public init(kind: Kind, maxTokens: Int, maxWallMilliseconds: Int) {
         self.kind = kind
-        self.maxTokens = maxTokens
+        self.maxTokens = min(maxTokens, Self.maxTokensLimit)
         self.maxWallMilliseconds = maxWallMilliseconds
     }
 

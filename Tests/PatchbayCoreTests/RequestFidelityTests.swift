@@ -5,7 +5,7 @@ import Testing
 
 /// What a client sends reaches the plugin as sent: object members in the client's order
 /// (templates render schemas in that order, and a stable prompt keeps the engine's prompt
-/// cache warm), and message names.
+/// cache warm), message names, and a max_tokens a C plugin can hold.
 @Suite("Request fidelity")
 struct RequestFidelityTests {
     /// Keys in no sorted order, nested, so a decoder that reorders them is caught.
@@ -98,5 +98,46 @@ struct RequestFidelityTests {
         try request.validate()
         let message = request.normalized(maxTokens: 10, maxWallMilliseconds: 1).json["messages"]?.arrayValue?.first
         #expect(message?["name"] == .string("Ada"))
+    }
+
+    static let huge = "9223372036854775807"
+
+    @Test func maxTokensIsClampedToWhatACIntHolds() throws {
+        func chat(_ field: String) throws -> NormalizedRequest {
+            let request = try RequestDecoding.decode(
+                ChatCompletionRequest.self, from: Data(#"{"messages":[{"role":"user","content":"hi"}],"\#(field)":\#(Self.huge)}"#.utf8))
+            try request.validate()
+            return request.normalized(maxTokens: 4096, maxWallMilliseconds: 1)
+        }
+        let completion = try RequestDecoding.decode(CompletionRequest.self, from: Data(#"{"prompt":"hi","max_tokens":\#(Self.huge)}"#.utf8))
+        try completion.validate()
+        let anthropic = try RequestDecoding.decode(
+            AnthropicMessagesRequest.self, from: Data(#"{"max_tokens":\#(Self.huge),"messages":[{"role":"user","content":"hi"}]}"#.utf8))
+        try anthropic.validate()
+        let responses = try RequestDecoding.decode(ResponsesRequest.self, from: Data(#"{"input":"hi","max_output_tokens":\#(Self.huge)}"#.utf8))
+        try responses.validate()
+        let requests = [
+            try chat("max_tokens"), try chat("max_completion_tokens"),
+            completion.normalized(maxTokens: 4096, maxWallMilliseconds: 1),
+            try anthropic.normalized(maxWallMilliseconds: 1),
+            try responses.normalized(maxTokens: 4096, maxWallMilliseconds: 1),
+            // A default as large (a model that reports no usable context length) is held to the same bound.
+            NormalizedRequest(kind: .chat, maxTokens: .max, maxWallMilliseconds: 1),
+        ]
+        for request in requests {
+            #expect(request.maxTokens == 2_147_483_647)
+            #expect(request.json["max_tokens"] == .int(2_147_483_647))
+        }
+        #expect(NormalizedRequest(kind: .chat, maxTokens: 2_147_483_646, maxWallMilliseconds: 1).maxTokens == 2_147_483_646)
+    }
+
+    @Test func maxTokensBelowOneIsStillA400() throws {
+        let anthropic = try RequestDecoding.decode(
+            AnthropicMessagesRequest.self, from: Data(#"{"max_tokens":0,"messages":[{"role":"user","content":"hi"}]}"#.utf8))
+        #expect(throws: APIError.self) { try anthropic.validate() }
+        let responses = try RequestDecoding.decode(ResponsesRequest.self, from: Data(#"{"input":"hi","max_output_tokens":-1}"#.utf8))
+        #expect(throws: APIError.self) { try responses.validate() }
+        let completion = try RequestDecoding.decode(CompletionRequest.self, from: Data(#"{"prompt":"hi","max_tokens":0}"#.utf8))
+        #expect(throws: APIError.self) { try completion.validate() }
     }
 }
