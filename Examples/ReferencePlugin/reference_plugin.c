@@ -700,7 +700,7 @@ static pb_status ref_run_create_with_inputs(pb_model *model, const char *request
     }
 
     run->stage = STAGE_PREFILL;
-    run->max_tokens = (int64_t)json_get_number(request, "max_tokens", (double)model->context_length);
+    run->max_tokens = json_get_int64(request, "max_tokens", model->context_length); /* clamped: no UB at 2^63 */
     run->prompt_tokens = count_request_tokens(request);
     run->think = json_get_bool(json_get(request, "chat_template_kwargs"), "enable_thinking", 0);
     const char *tool = pick_tool(request);

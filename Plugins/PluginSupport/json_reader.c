@@ -191,6 +191,15 @@ double json_get_number(const json_value *object, const char *key, double fallbac
     return v && v->kind == JSON_NUMBER ? v->number : fallback;
 }
 
+int64_t json_get_int64(const json_value *object, const char *key, int64_t fallback) {
+    const json_value *v = json_get(object, key);
+    if (!v || v->kind != JSON_NUMBER || v->number != v->number) return fallback;
+    /* 2^63 is exact as a double, and every double inside (-2^63, 2^63) converts. */
+    if (v->number >= 9223372036854775808.0) return INT64_MAX;
+    if (v->number <= -9223372036854775808.0) return INT64_MIN;
+    return (int64_t)v->number;
+}
+
 const char *json_get_string(const json_value *object, const char *key) {
     const json_value *v = json_get(object, key);
     return v && v->kind == JSON_STRING ? v->string : NULL;

@@ -7,6 +7,7 @@
 #define PB_JSON_READER_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 typedef enum { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } json_kind;
 
@@ -27,6 +28,12 @@ void json_free(json_value *value);
 const json_value *json_get(const json_value *object, const char *key);
 /** Convenience readers that fall back to `fallback` when absent or of another kind. */
 double json_get_number(const json_value *object, const char *key, double fallback);
+/**
+ * A number as an integer, truncated toward zero and clamped to int64_t's range (a cast
+ * of a double outside it is undefined behaviour); `fallback` when absent, of another
+ * kind, or NaN.
+ */
+int64_t json_get_int64(const json_value *object, const char *key, int64_t fallback);
 const char *json_get_string(const json_value *object, const char *key);
 int json_get_bool(const json_value *object, const char *key, int fallback);
 
