@@ -4,14 +4,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -106,6 +104,54 @@ static void start_spawner(void) {
     pthread_attr_destroy(&attr);
 }
 
+/* ─── The environment ───────────────────────────────────────────────────── */
+
+/* What the child inherits: names, and prefixes ending in '_'. */
+static const char *const k_inherited[] = {
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
+    /* GPU runtimes: which devices, and their tuning */
+    "CUDA_", "GGML_", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
+    "HSA_OVERRIDE_GFX_VERSION", "ONEAPI_DEVICE_SELECTOR", "OMP_NUM_THREADS",
+    NULL,
+};
+
+static size_t name_length(const char *entry) { return strcspn(entry, "="); }
+
+static int is_inherited(const char *entry) {
+    size_t n = name_length(entry);
+    for (const char *const *name = k_inherited; *name; name++) {
+        size_t m = strlen(*name);
+        int prefix = (*name)[m - 1] == '_';
+        if (prefix ? n > m && strncmp(entry, *name, m) == 0 : n == m && strncmp(entry, *name, n) == 0) return 1;
+    }
+    return 0;
+}
+
+static int is_named_in(const char *entry, char *const list[]) {
+    size_t n = name_length(entry);
+    for (size_t i = 0; list && list[i]; i++)
+        if (name_length(list[i]) == n && strncmp(list[i], entry, n) == 0) return 1;
+    return 0;
+}
+
+/*
+ * The child's environment (see child_spawn), built before the fork: the child
+ * may not allocate after it. The strings are borrowed; free only the array.
+ */
+static char **child_environment(char *const extra_env[]) {
+    size_t host_count = 0, extra_count = 0, n = 0;
+    while (environ[host_count]) host_count++;
+    while (extra_env && extra_env[extra_count]) extra_count++;
+    char **envp = calloc(host_count + extra_count + 1, sizeof *envp);
+    if (!envp) return NULL;
+    for (size_t i = 0; i < host_count; i++)
+        if (is_inherited(environ[i]) && !is_named_in(environ[i], extra_env)) envp[n++] = environ[i];
+    for (size_t i = 0; i < extra_count; i++) envp[n++] = extra_env[i];
+    return envp;
+}
+
+/* ─── Spawning ──────────────────────────────────────────────────────────── */
+
 pid_t child_spawn(char *const argv[], char *const extra_env[], const char *log_path, char *error, size_t error_size) {
     pthread_once(&g_spawner_once, start_spawner);
     if (!g_spawner_started) {
@@ -121,18 +167,12 @@ pid_t child_spawn(char *const argv[], char *const extra_env[], const char *log_p
         snprintf(error, error_size, "cannot open log %s: %s", log_path, strerror(errno));
         return -1;
     }
-    /* The environment is built here: the child may not allocate after fork. */
-    size_t host_count = 0, extra_count = 0;
-    while (environ[host_count]) host_count++;
-    while (extra_env && extra_env[extra_count]) extra_count++;
-    char **envp = calloc(host_count + extra_count + 1, sizeof *envp);
+    char **envp = child_environment(extra_env);
     if (!envp) {
         close(log_fd);
         snprintf(error, error_size, "out of memory");
         return -1;
     }
-    memcpy(envp, environ, host_count * sizeof *envp);
-    for (size_t i = 0; i < extra_count; i++) envp[host_count + i] = extra_env[i];
 
     spawn_job job = {.argv = argv, .envp = envp, .log_fd = log_fd};
     pthread_mutex_lock(&g_one_job_at_a_time);
@@ -189,18 +229,6 @@ void child_describe_exit(int wait_status, char *out, size_t out_size) {
     else if (WIFSIGNALED(wait_status))
         snprintf(out, out_size, "signal %d (%s)", WTERMSIG(wait_status), strsignal(WTERMSIG(wait_status)));
     else snprintf(out, out_size, "status %d", wait_status);
-}
-
-int free_loopback_port(void) {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -1;
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof addr;
-    int port = -1;
-    if (bind(fd, (struct sockaddr *)&addr, sizeof addr) == 0 && getsockname(fd, (struct sockaddr *)&addr, &len) == 0)
-        port = ntohs(addr.sin_port);
-    close(fd);
-    return port;
 }
 
 char *file_tail(const char *path, size_t max_bytes) {

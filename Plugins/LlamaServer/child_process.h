@@ -15,9 +15,15 @@
 #include <sys/types.h>
 
 /**
- * Starts `argv[0]` with `argv`, the host's environment plus `extra_env`
- * ("NAME=value" strings, NULL-terminated), stdin from /dev/null and stdout and
- * stderr appended to `log_path`. Returns the pid, or -1 with `error` filled.
+ * Starts `argv[0]` with `argv`, stdin from /dev/null and stdout and stderr
+ * appended to `log_path`. Returns the pid, or -1 with `error` filled.
+ *
+ * The environment is filtered: of the host's, only what a process needs
+ * (PATH, HOME, the locale, TMPDIR, LD_LIBRARY_PATH) and the device selection
+ * of GPU runtimes (CUDA_*, GGML_*, HIP_VISIBLE_DEVICES, …) pass; never
+ * PATCHBAY_* or llama-server's own LLAMA_ARG_* and LLAMA_API_KEY, which would
+ * configure the child behind Patchbay's back. Then `extra_env` ("NAME=value"
+ * strings, NULL-terminated), whose names replace inherited ones.
  */
 pid_t child_spawn(char *const argv[], char *const extra_env[], const char *log_path, char *error, size_t error_size);
 
@@ -38,9 +44,6 @@ uint64_t child_resident_bytes(pid_t pid);
 
 /** Describes a wait status: "exit status 1", "signal 9 (Killed)". */
 void child_describe_exit(int wait_status, char *out, size_t out_size);
-
-/** A free TCP port on 127.0.0.1 (the kernel's choice), or -1. */
-int free_loopback_port(void);
 
 /** The last `max_bytes` of a file, trimmed to whole lines, as a malloc'd string ("" if unreadable). */
 char *file_tail(const char *path, size_t max_bytes);

@@ -1,6 +1,7 @@
 /*
  * gguf.h — the little the plugin reads from a GGUF file itself: whether it is
- * one (probe), and its architecture (llama-server reports neither).
+ * one (probe), its architecture (llama-server reports neither) and its training
+ * context (for the default context size, before llama-server runs).
  */
 #ifndef PB_LLAMA_GGUF_H
 #define PB_LLAMA_GGUF_H
@@ -14,10 +15,18 @@
  */
 int32_t gguf_probe(const char *path, char *detail, size_t detail_size);
 
+/** What the plugin reads from a GGUF's metadata. */
+typedef struct gguf_info {
+    char *architecture;     /* general.architecture ("llama", "qwen2", …), malloc'd; NULL: not found */
+    int64_t context_length; /* <architecture>.context_length, the training context; 0: not found */
+} gguf_info;
+
 /**
- * The file's general.architecture ("llama", "qwen2", …), malloc'd, or NULL
- * when it is not among the first metadata entries (writers put it first).
+ * Reads `info` (zeroed by the caller) from the file's metadata. Writers put these
+ * keys before the tokenizer's, so the scan stops once it has both. Free with
+ * gguf_info_free.
  */
-char *gguf_architecture(const char *path);
+void gguf_read_info(const char *path, gguf_info *info);
+void gguf_info_free(gguf_info *info);
 
 #endif

@@ -2,19 +2,24 @@
  * The llama-server backend: one llama.cpp `llama-server` child per loaded
  * model, driven over HTTP through libcurl.
  *
- * Load spawns the child on 127.0.0.1 with a random API key (passed in its
- * environment, which only its owner can read), waits for /health while it
- * reports progress from the child's resident memory, then reads /props and
- * /v1/models.
+ * Load spawns the child serving on a Unix socket in the model's 0700 work
+ * directory (no TCP port: nobody else can reach it), with a random API key in
+ * its filtered environment besides; waits for /health while it reports
+ * progress from the child's resident memory, then reads /props and /v1/models.
  * A run streams /v1/chat/completions (or /v1/completions) and turns each SSE
  * chunk into ABI events. A cancel closes the connection, which is how
  * llama-server learns to stop; every request has a connection of its own.
  *
+ * A child that dies is respawned on a thread of its own when the next request
+ * needs it; requests wait for it without holding anything up, and stop waiting
+ * at their cancel. Children that keep dying soon after they start are left
+ * down for a while, longer each time (note_death).
+ *
  * Files: launch.c (the load request, the command line), child_process.c
  * (spawning and reaping children), upstream.c (HTTP), request.c (a request
  * into llama-server's body), sse.c (its streamed reply into events),
- * errors.c (its errors into statuses), gguf.c (probe). This file: the models,
- * the runs and the table.
+ * errors.c (its errors into statuses), gguf.c (probe, metadata). This file:
+ * the models, the runs and the table.
  */
 #define _GNU_SOURCE
 #include "patchbay.h"
@@ -30,35 +35,70 @@
 #include "upstream.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
 #define PLUGIN_VERSION "1.1.0"
 /* Tokenizing and embedding one text: seconds at most, unless the engine is stuck. */
 #define POST_TIMEOUT_MS 60000
+/* The socket's host part means nothing; the path goes through CURLOPT_UNIX_SOCKET_PATH. */
+#define CHILD_URL "http://localhost"
+#define SOCKET_NAME "llama-server.sock"
+/* How much of the child's log goes to Patchbay's log when it fails. */
+#define LOG_TAIL_BYTES 2000
+/* A child that failed to start has nothing to save: no long grace before SIGKILL. */
+#define FAILED_START_GRACE_MS 200
+/* How often a wait for a respawn asks its caller whether it gives up (a cancel). */
+#define RESPAWN_POLL_MS 100
+/* A child that dies within STABLE_UPTIME_MS of coming up (or never comes up) dies young; after
+ * QUICK_DEATHS_BEFORE_BACKOFF such deaths in a row it is not respawned for BACKOFF_BASE_MS,
+ * doubling each time up to BACKOFF_MAX_MS. One that lived longer starts the count again. */
+#define STABLE_UPTIME_MS 60000
+#define QUICK_DEATHS_BEFORE_BACKOFF 3
+#define BACKOFF_BASE_MS 5000.0
+#define BACKOFF_MAX_MS 300000.0
 
 static const pb_host_api *g_host;
 
 /* ─── The model: one child ─────────────────────────────────────────────── */
 
+typedef enum { CHILD_DOWN, CHILD_STARTING, CHILD_UP } child_state;
+
 struct pb_model {
     launch_config config;
-    char work_dir[PATH_MAX]; /* 0700: the child's log and the template override */
+    char work_dir[PATH_MAX]; /* 0700: the child's socket, its log and the template override */
+    char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     char log_path[PATH_MAX + 32];
     char api_key[65];
     uint64_t model_bytes;
+    atomic_int closing;      /* unload began: no respawn, and one under way gives up */
 
-    pthread_mutex_t lock; /* guards the child below: pid, port, base_url; respawns */
-    pid_t pid;
-    char base_url[64];
+    /* The child. `lock` is held only briefly: nobody waits for a child to start while holding it. */
+    pthread_mutex_t lock;
+    pthread_cond_t changed;  /* `state` changed */
+    child_state state;
+    pid_t pid;               /* CHILD_UP: the child */
+    uint64_t generation;     /* counts the children that came up */
+    double up_since_ms;      /* when the child came up; 0 once it died */
+    char last_exit[96];      /* how the last child ended: "signal 9 (Killed)" */
+    /* Respawns, each on a thread of its own (respawn_main). */
+    pthread_t respawner;
+    int has_respawner;       /* one to join: running, or ended */
+    uint64_t respawns;       /* counts them */
+    uint64_t failed_respawn; /* the last one that failed, and why */
+    char respawn_failure[256];
+    /* Children that keep dying young (note_death). */
+    int quick_deaths, backoffs;
+    double refuse_until_ms;
 
     /* What the child and the file say about the model (model_info). */
     int64_t context_length;
@@ -68,58 +108,73 @@ struct pb_model {
     int64_t training_context_length;
     int64_t parameter_count;
     uint64_t size_bytes;
-    char *architecture; /* NULL: unknown; lives until unload */
 };
 
-static void random_key(char out[65]) {
-    unsigned char bytes[32] = {0};
-    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-        if (read(fd, bytes, sizeof bytes) != (ssize_t)sizeof bytes) memset(bytes, 0, sizeof bytes);
-        close(fd);
+/* 32 bytes from the kernel as hex; 0 when it has none to give: never a zero or partial key. */
+static int random_key(char out[65]) {
+    unsigned char bytes[32];
+    size_t filled = 0;
+    while (filled < sizeof bytes) {
+        ssize_t n = getrandom(bytes + filled, sizeof bytes - filled, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return 0;
+        filled += (size_t)n;
     }
-    for (int i = 0; i < 32; i++) snprintf(out + 2 * i, 3, "%02x", bytes[i]);
-}
-
-static void url_for(const pb_model *model, const char *path, char *out, size_t size) {
-    snprintf(out, size, "%s%s", model->base_url, path);
-}
-
-/* Fills `error` with what went wrong and the tail of the child's log. */
-static void describe_child_failure(const pb_model *model, const char *what, char *error, size_t error_size) {
-    char *tail = file_tail(model->log_path, 1500);
-    plugin_set_error(error, error_size, "%s. llama-server's log (%s) ends with:\n%s", what, model->log_path, tail);
-    free(tail);
+    for (size_t i = 0; i < sizeof bytes; i++) snprintf(out + 2 * i, 3, "%02x", bytes[i]);
+    explicit_bzero(bytes, sizeof bytes);
+    return 1;
 }
 
 /*
- * Starts a child and waits until it answers /health. Called with model->lock
- * held (or before the model is shared). `callbacks` is NULL on a respawn, or
- * when the host's has no usable progress.
+ * The work directory, 0700 (mkdtemp), under $TMPDIR unless the socket's path
+ * would not fit a sockaddr_un there; and the paths inside it.
  */
-static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks, char *error, size_t error_size) {
-    int port = free_loopback_port();
-    if (port < 0) {
-        plugin_set_error(error, error_size, "No free port on 127.0.0.1.");
-        return PB_ERR_LOAD_FAILED;
-    }
-    char **argv = launch_build_argv(&model->config, port);
-    char key_env[96];
-    snprintf(key_env, sizeof key_env, "LLAMA_API_KEY=%s", model->api_key);
-    char *extra_env[] = {key_env, NULL};
-    char spawn_error[256];
-    pid_t pid = child_spawn(argv, extra_env, model->log_path, spawn_error, sizeof spawn_error);
-    launch_free_argv(argv);
-    if (pid < 0) {
-        plugin_set_error(error, error_size, "Could not start llama-server: %s", spawn_error);
-        return PB_ERR_LOAD_FAILED;
-    }
-    plugin_log(g_host, PB_LOG_INFO, "started llama-server pid %d on 127.0.0.1:%d for %s", (int)pid, port, model->config.model_path);
-    model->pid = pid;
-    snprintf(model->base_url, sizeof model->base_url, "http://127.0.0.1:%d", port);
+static int make_work_dir(pb_model *model) {
+    const char *tmp = getenv("TMPDIR");
+    int fits = tmp && *tmp && strlen(tmp) + sizeof "/patchbay-llama-XXXXXX/" SOCKET_NAME <= sizeof model->socket_path;
+    snprintf(model->work_dir, sizeof model->work_dir, "%s/patchbay-llama-XXXXXX", fits ? tmp : "/tmp");
+    if (!mkdtemp(model->work_dir)) return 0;
+    snprintf(model->socket_path, sizeof model->socket_path, "%s/" SOCKET_NAME, model->work_dir);
+    snprintf(model->log_path, sizeof model->log_path, "%s/llama-server.log", model->work_dir);
+    return 1;
+}
 
-    char url[128];
-    url_for(model, "/health", url, sizeof url);
+static void url_for(const char *path, char *out, size_t size) { snprintf(out, size, CHILD_URL "%s", path); }
+
+/* The end of the child's log, line by line, into Patchbay's log: for the operator, not the client. */
+static void log_child_tail(const pb_model *model) {
+    char *tail = file_tail(model->log_path, LOG_TAIL_BYTES);
+    char *save = NULL;
+    for (char *line = strtok_r(tail, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
+        plugin_log(g_host, PB_LOG_WARNING, "llama-server: %s", line);
+    free(tail);
+}
+
+/* A short summary for the client in `error`; the child's own words go to Patchbay's log. */
+static void describe_child_failure(const pb_model *model, const char *what, char *error, size_t error_size) {
+    plugin_set_error(error, error_size, "%s. The end of its log is in Patchbay's log.", what);
+    plugin_log(g_host, PB_LOG_WARNING, "%s (%s); the end of its log:", what, model->config.model_path);
+    log_child_tail(model);
+}
+
+/* Load progress: the child's resident memory against the weights' size, never going backwards. Non-zero: cancelled. */
+static int report_progress(const pb_model *model, pid_t pid, const pb_load_callbacks *callbacks, uint64_t *high_water) {
+    uint64_t rss = child_resident_bytes(pid);
+    if (rss > *high_water) *high_water = rss;
+    uint64_t total = model->model_bytes;
+    uint64_t loaded = *high_water < total ? *high_water : total - total / 100;
+    return callbacks->progress(callbacks->context, "mmap", loaded, total);
+}
+
+/*
+ * Polls the child's /health until it answers, it exits, its time is up, the
+ * load is cancelled (through `callbacks`; NULL on a respawn) or the model is
+ * unloaded.
+ */
+static pb_status wait_healthy(pb_model *model, pid_t pid, const pb_load_callbacks *callbacks, char *error,
+                              size_t error_size) {
+    char url[64];
+    url_for("/health", url, sizeof url);
     json_buffer reply;
     jb_init(&reply);
     double deadline = plugin_now_ms() + model->config.load_timeout_s * 1000.0;
@@ -127,31 +182,30 @@ static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks
     pb_status status = PB_ERR_LOAD_FAILED;
     for (;;) {
         int wait_status;
+        char what[160], probe_error[128];
         if (child_exited(pid, &wait_status)) {
-            char how[96], what[160];
+            char how[96];
             child_describe_exit(wait_status, how, sizeof how);
             snprintf(what, sizeof what, "llama-server exited during load (%s)", how);
             describe_child_failure(model, what, error, error_size);
-            model->pid = 0;
             break;
         }
-        char probe_error[128];
-        if (upstream_request(url, NULL, NULL, 1000, &reply, NULL, probe_error, sizeof probe_error) == 200) {
+        if (upstream_request(model->socket_path, url, NULL, NULL, 1000, &reply, NULL, probe_error,
+                             sizeof probe_error) == 200) {
             status = PB_OK;
             break;
         }
-        /* Progress is the child's resident memory against the weights' size, never going backwards. */
-        uint64_t rss = child_resident_bytes(pid);
-        if (rss > high_water) high_water = rss;
-        uint64_t loaded = high_water < model->model_bytes ? high_water : model->model_bytes - model->model_bytes / 100;
-        if (callbacks &&
-            callbacks->progress(callbacks->context, "mmap", loaded, model->model_bytes) != 0) {
+        if (atomic_load(&model->closing)) {
+            plugin_set_error(error, error_size, "The model was unloaded while llama-server started.");
+            status = PB_ERR_CANCELLED;
+            break;
+        }
+        if (callbacks && report_progress(model, pid, callbacks, &high_water) != 0) {
             plugin_set_error(error, error_size, "The load was cancelled.");
             status = PB_ERR_CANCELLED;
             break;
         }
         if (plugin_now_ms() > deadline) {
-            char what[96];
             snprintf(what, sizeof what, "llama-server did not become ready within %d s", model->config.load_timeout_s);
             describe_child_failure(model, what, error, error_size);
             break;
@@ -159,21 +213,224 @@ static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks
         plugin_sleep_ms(50);
     }
     jb_free(&reply);
-    if (status != PB_OK && model->pid > 0) {
-        child_stop(model->pid, 2000);
-        model->pid = 0;
-    }
     return status;
 }
+
+/*
+ * Starts a child on the model's socket and waits until it is healthy
+ * (wait_healthy); `*out_pid` is the child then. Never called with model->lock
+ * held: this may take minutes.
+ */
+static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks, pid_t *out_pid, char *error,
+                             size_t error_size) {
+    unlink(model->socket_path); /* a dead child's: llama-server would not bind over it */
+    char **argv = launch_build_argv(&model->config, model->socket_path);
+    char key_env[96];
+    snprintf(key_env, sizeof key_env, "LLAMA_API_KEY=%s", model->api_key);
+    char *extra_env[] = {key_env, NULL};
+    char spawn_error[256] = "out of memory";
+    pid_t pid = argv ? child_spawn(argv, extra_env, model->log_path, spawn_error, sizeof spawn_error) : -1;
+    launch_free_argv(argv);
+    explicit_bzero(key_env, sizeof key_env);
+    if (pid < 0) {
+        plugin_set_error(error, error_size, "Could not start llama-server: %s", spawn_error);
+        return PB_ERR_LOAD_FAILED;
+    }
+    plugin_log(g_host, PB_LOG_INFO, "started llama-server pid %d on %s for %s", (int)pid, model->socket_path,
+               model->config.model_path);
+    pb_status status = wait_healthy(model, pid, callbacks, error, error_size);
+    if (status == PB_OK) *out_pid = pid;
+    else child_stop(pid, FAILED_START_GRACE_MS);
+    return status;
+}
+
+/* ─── The child's life: up, dead, respawned ───────────────────────────── */
+
+/* Under model->lock. */
+static void child_came_up(pb_model *model, pid_t pid) {
+    model->state = CHILD_UP;
+    model->pid = pid;
+    model->generation++;
+    model->up_since_ms = plugin_now_ms();
+    pthread_cond_broadcast(&model->changed);
+}
+
+/*
+ * Counts a child that died, `young` or not; after QUICK_DEATHS_BEFORE_BACKOFF
+ * young deaths in a row, no respawn until refuse_until_ms. Under model->lock.
+ */
+static void note_death(pb_model *model, int young) {
+    if (!young) model->quick_deaths = model->backoffs = 0;
+    if (++model->quick_deaths < QUICK_DEATHS_BEFORE_BACKOFF) return;
+    double wait_ms = BACKOFF_BASE_MS;
+    for (int i = 0; i < model->backoffs && wait_ms < BACKOFF_MAX_MS; i++) wait_ms *= 2;
+    if (wait_ms > BACKOFF_MAX_MS) wait_ms = BACKOFF_MAX_MS;
+    model->refuse_until_ms = plugin_now_ms() + wait_ms;
+    model->backoffs++;
+    plugin_log(g_host, PB_LOG_WARNING, "llama-server for %s died %d times in a row soon after starting; "
+               "not restarting it for %.0f s", model->config.model_path, model->quick_deaths, wait_ms / 1000);
+}
+
+/* The child was found dead (a crash, an OOM kill, kill -9). Under model->lock. */
+static void child_died(pb_model *model, int wait_status) {
+    child_describe_exit(wait_status, model->last_exit, sizeof model->last_exit);
+    plugin_log(g_host, PB_LOG_WARNING, "llama-server pid %d exited (%s); the end of its log:", (int)model->pid,
+               model->last_exit);
+    log_child_tail(model);
+    int young = plugin_now_ms() - model->up_since_ms < STABLE_UPTIME_MS;
+    model->state = CHILD_DOWN;
+    model->pid = 0;
+    model->up_since_ms = 0;
+    note_death(model, young);
+    pthread_cond_broadcast(&model->changed);
+}
+
+static void *respawn_main(void *context) {
+    pb_model *model = context;
+    pid_t pid = 0;
+    char error[sizeof model->respawn_failure] = "";
+    pb_status status = start_child(model, NULL, &pid, error, sizeof error);
+    pthread_mutex_lock(&model->lock);
+    if (status == PB_OK) {
+        child_came_up(model, pid);
+    } else {
+        model->state = CHILD_DOWN;
+        model->failed_respawn = model->respawns;
+        snprintf(model->respawn_failure, sizeof model->respawn_failure, "%s", error);
+        if (!atomic_load(&model->closing)) note_death(model, 1);
+        pthread_cond_broadcast(&model->changed);
+    }
+    pthread_mutex_unlock(&model->lock);
+    return NULL;
+}
+
+/*
+ * From CHILD_DOWN: the failure of the respawn `awaited` that the caller waited
+ * for, a refusal while backing off, or a new respawn (CHILD_STARTING). Under
+ * model->lock.
+ */
+static pb_status begin_respawn(pb_model *model, uint64_t awaited, uint32_t *retry_after_ms, char *error,
+                               size_t error_size) {
+    if (awaited && model->failed_respawn == awaited) {
+        plugin_set_error(error, error_size, "llama-server could not be restarted: %s", model->respawn_failure);
+        return PB_ERR_ENGINE_UNAVAILABLE;
+    }
+    double wait_ms = model->refuse_until_ms - plugin_now_ms();
+    if (wait_ms > 0) {
+        *retry_after_ms = (uint32_t)wait_ms + 1;
+        plugin_set_error(error, error_size,
+                         "llama-server keeps exiting soon after it starts (%d times in a row); Patchbay starts it "
+                         "again in %u s. The end of its log is in Patchbay's log.",
+                         model->quick_deaths, (unsigned)((wait_ms + 999) / 1000));
+        return PB_ERR_ENGINE_UNAVAILABLE;
+    }
+    if (model->has_respawner) pthread_join(model->respawner, NULL); /* it has ended: the state left STARTING */
+    model->has_respawner = pthread_create(&model->respawner, NULL, respawn_main, model) == 0;
+    if (!model->has_respawner) {
+        plugin_set_error(error, error_size, "Could not start a thread to restart llama-server.");
+        return PB_ERR_INTERNAL;
+    }
+    model->state = CHILD_STARTING;
+    model->respawns++;
+    plugin_log(g_host, PB_LOG_INFO, "restarting llama-server for %s", model->config.model_path);
+    return PB_OK;
+}
+
+/* Who waits for a respawn, and for how long. */
+typedef struct child_waiter {
+    int (*gives_up)(void *context); /* asked without the lock while waiting: non-zero stops (a cancel) */
+    void *context;
+    double deadline_ms;             /* 0: as long as the respawn takes */
+} child_waiter;
+
+static void wait_changed(pb_model *model, int ms) {
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_nsec += (long)ms * 1000000L;
+    until.tv_sec += until.tv_nsec / 1000000000L;
+    until.tv_nsec %= 1000000000L;
+    pthread_cond_timedwait(&model->changed, &model->lock, &until);
+}
+
+/* One poll of a respawn under way (CHILD_STARTING). Under model->lock, which it lets go to ask the waiter. */
+static pb_status wait_for_respawn(pb_model *model, const child_waiter *waiter, uint32_t *retry_after_ms,
+                                  char *error, size_t error_size) {
+    pthread_mutex_unlock(&model->lock);
+    int gives_up = waiter->gives_up && waiter->gives_up(waiter->context);
+    pthread_mutex_lock(&model->lock);
+    if (gives_up) {
+        plugin_set_error(error, error_size, "Stopped while waiting for llama-server to restart.");
+        return PB_ERR_CANCELLED;
+    }
+    if (waiter->deadline_ms > 0 && plugin_now_ms() > waiter->deadline_ms) {
+        *retry_after_ms = DEFAULT_RETRY_AFTER_MS;
+        plugin_set_error(error, error_size, "llama-server is restarting; try again shortly.");
+        return PB_ERR_OVERLOADED;
+    }
+    if (model->state == CHILD_STARTING) wait_changed(model, RESPAWN_POLL_MS);
+    return PB_OK;
+}
+
+/*
+ * Makes sure the child runs, respawning it if it died, and says which child it
+ * is (`*generation`, for describe_lost_connection). While a respawn runs this
+ * waits for it without holding the lock, until it ends, or `waiter` gives up
+ * (PB_ERR_CANCELLED) or runs out of time (PB_ERR_OVERLOADED). While children
+ * keep dying young: PB_ERR_ENGINE_UNAVAILABLE with `*retry_after_ms`.
+ */
+static pb_status ensure_child(pb_model *model, const child_waiter *waiter, uint64_t *generation,
+                              uint32_t *retry_after_ms, char *error, size_t error_size) {
+    *retry_after_ms = 0;
+    pthread_mutex_lock(&model->lock);
+    pb_status status = PB_OK;
+    uint64_t awaited = 0; /* the respawn this call waits for */
+    while (status == PB_OK) {
+        int wait_status;
+        if (atomic_load(&model->closing)) {
+            plugin_set_error(error, error_size, "The model is being unloaded.");
+            status = PB_ERR_ENGINE_UNAVAILABLE;
+            break;
+        }
+        if (model->state == CHILD_UP) {
+            if (!child_exited(model->pid, &wait_status)) break;
+            child_died(model, wait_status);
+        }
+        if (model->state == CHILD_DOWN) status = begin_respawn(model, awaited, retry_after_ms, error, error_size);
+        if (status != PB_OK) break;
+        awaited = model->respawns;
+        status = wait_for_respawn(model, waiter, retry_after_ms, error, error_size);
+    }
+    *generation = model->generation;
+    pthread_mutex_unlock(&model->lock);
+    return status;
+}
+
+/* Why a transfer to child `generation` broke: the child died, or something else on the way. */
+static void describe_lost_connection(pb_model *model, uint64_t generation, const char *transfer_error, char *out,
+                                     size_t size) {
+    pthread_mutex_lock(&model->lock);
+    int wait_status;
+    if (model->state == CHILD_UP && model->generation == generation && child_exited(model->pid, &wait_status))
+        child_died(model, wait_status);
+    if (model->state != CHILD_UP || model->generation != generation)
+        plugin_set_error(out, size, "Lost connection to the model server: llama-server exited (%s). It is restarted "
+                         "on the next request.", model->last_exit);
+    else
+        plugin_set_error(out, size, "Lost connection to the model server (%s).", transfer_error);
+    pthread_mutex_unlock(&model->lock);
+}
+
+/* ─── Load and unload ──────────────────────────────────────────────────── */
 
 /* GET of one of the child's JSON endpoints at load; NULL (and a warning) when it fails. */
 static json_value *get_json(pb_model *model, const char *path) {
     char url[128], error[128];
-    url_for(model, path, url, sizeof url);
+    url_for(path, url, sizeof url);
     json_buffer reply;
     jb_init(&reply);
     json_value *parsed = NULL;
-    long status = upstream_request(url, model->api_key, NULL, 10000, &reply, NULL, error, sizeof error);
+    long status = upstream_request(model->socket_path, url, model->api_key, NULL, 10000, &reply, NULL, error,
+                                   sizeof error);
     if (status == 200) parsed = json_parse(reply.data);
     if (!parsed) plugin_log(g_host, PB_LOG_WARNING, "could not read %s from llama-server: %s", path,
                             status ? "an unreadable reply" : error);
@@ -194,8 +451,8 @@ static void read_model_facts(pb_model *model) {
                                                 : PB_CAP_CHAT | PB_CAP_COMPLETION | PB_CAP_TOKENIZE | PB_CAP_REASONING;
     json_value *props = get_json(model, "/props");
     const json_value *settings = json_get(props, "default_generation_settings");
-    model->context_length = (int64_t)json_get_number(settings, "n_ctx", json_get_number(props, "n_ctx", 0));
-    model->parallel_slots = (int32_t)json_get_number(props, "total_slots", model->config.parallel);
+    model->context_length = json_get_int64(settings, "n_ctx", json_get_int64(props, "n_ctx", 0));
+    model->parallel_slots = (int32_t)json_get_int64(props, "total_slots", model->config.parallel);
     if (props && !model->config.pooling) {
         if (json_get_bool(json_get(props, "chat_template_caps"), "supports_tools", 0)) model->capabilities |= PB_CAP_TOOLS;
         if (json_get_bool(json_get(props, "modalities"), "vision", 0)) model->capabilities |= PB_CAP_VISION_INPUT;
@@ -205,11 +462,11 @@ static void read_model_facts(pb_model *model) {
     json_value *models = get_json(model, "/v1/models");
     const json_value *data = json_get(models, "data");
     const json_value *meta = data && data->kind == JSON_ARRAY && data->count > 0 ? json_get(&data->items[0], "meta") : NULL;
-    model->training_context_length = (int64_t)json_get_number(meta, "n_ctx_train", 0);
-    model->parameter_count = (int64_t)json_get_number(meta, "n_params", 0);
+    model->training_context_length = json_get_int64(meta, "n_ctx_train", model->config.training_context);
+    model->parameter_count = json_get_int64(meta, "n_params", 0);
     /* n_embd is the model's width; it is the embedding's length only where the model embeds. */
-    if (model->config.pooling) model->embedding_dimensions = (int64_t)json_get_number(meta, "n_embd", 0);
-    double size = json_get_number(meta, "size", 0);
+    if (model->config.pooling) model->embedding_dimensions = json_get_int64(meta, "n_embd", 0);
+    int64_t size = json_get_int64(meta, "size", 0);
     if (size > 0) {
         struct stat st;
         model->size_bytes = (uint64_t)size;
@@ -218,21 +475,72 @@ static void read_model_facts(pb_model *model) {
         model->size_bytes = model->model_bytes;
     }
     json_free(models);
+}
 
-    /* llama-server names no architecture anywhere (the "architecture" of /v1/models lists
-     * modalities); the file's header does, in its first metadata entry. */
-    model->architecture = gguf_architecture(model->config.model_path);
+/* What the operator may wonder about later: the context chosen, and the projector. */
+static void log_launch_choices(const pb_model *model) {
+    const launch_config *c = &model->config;
+    plugin_log(g_host, PB_LOG_INFO, "context for %s: %lld tokens (training context %lld)", c->model_path,
+               (long long)c->context_size, (long long)c->training_context);
+    if (c->mmproj_path) {
+        plugin_log(g_host, PB_LOG_INFO, "vision projector for %s: %s", c->model_path, c->mmproj_path);
+    } else if (c->unmatched_projectors) {
+        plugin_log(g_host, PB_LOG_INFO, "no vision projector for %s: none of the %d beside it matches its name; "
+                   "'mmproj_path' chooses one", c->model_path, c->unmatched_projectors);
+    }
+}
+
+static pb_model *model_new(void) {
+    pb_model *model = calloc(1, sizeof *model);
+    if (!model) return NULL;
+    pthread_mutex_init(&model->lock, NULL);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC); /* wait_changed's clock */
+    pthread_cond_init(&model->changed, &attr);
+    pthread_condattr_destroy(&attr);
+    return model;
 }
 
 static void model_free(pb_model *model) {
+    atomic_store(&model->closing, 1);
+    /* A respawn under way sees `closing` at its next health poll and stops its child. */
+    if (model->has_respawner) pthread_join(model->respawner, NULL);
     if (model->pid > 0) child_stop(model->pid, 3000);
-    unlink(model->log_path);
+    if (*model->socket_path) unlink(model->socket_path);
+    if (*model->log_path) unlink(model->log_path);
     if (model->config.template_path) unlink(model->config.template_path);
-    rmdir(model->work_dir);
+    if (*model->work_dir) rmdir(model->work_dir);
     launch_config_free(&model->config);
-    free(model->architecture);
+    pthread_cond_destroy(&model->changed);
     pthread_mutex_destroy(&model->lock);
+    explicit_bzero(model->api_key, sizeof model->api_key);
     free(model);
+}
+
+/* The model's key, work directory and configuration. */
+static pb_status prepare_model(pb_model *model, const char *request_json, char *error, size_t error_size) {
+    if (!random_key(model->api_key)) {
+        plugin_set_error(error, error_size, "No random bytes for the child's API key (getrandom: %s).", strerror(errno));
+        return PB_ERR_INTERNAL;
+    }
+    if (!make_work_dir(model)) {
+        plugin_set_error(error, error_size, "Could not create a work directory: %s", strerror(errno));
+        return PB_ERR_INTERNAL;
+    }
+    json_value *request = json_parse(request_json);
+    if (!request) {
+        plugin_set_error(error, error_size, "The load request is not valid JSON.");
+        return PB_ERR_INVALID_REQUEST;
+    }
+    pb_status status = launch_parse_request(request, model->work_dir, &model->config, error, error_size);
+    json_free(request);
+    if (status != PB_OK) return status;
+    struct stat st;
+    model->model_bytes = stat(model->config.model_path, &st) == 0 ? (uint64_t)st.st_size : 0;
+    if (model->config.mmproj_path && stat(model->config.mmproj_path, &st) == 0) model->model_bytes += (uint64_t)st.st_size;
+    log_launch_choices(model);
+    return PB_OK;
 }
 
 static pb_status llama_load(const char *request_json, const pb_load_callbacks *host_callbacks, pb_model **out_model,
@@ -240,37 +548,21 @@ static pb_status llama_load(const char *request_json, const pb_load_callbacks *h
     /* The callbacks are read only within the size the host declared. */
     const pb_load_callbacks *callbacks =
         host_callbacks && PB_HAS(host_callbacks, progress) && host_callbacks->progress ? host_callbacks : NULL;
-    json_value *request = json_parse(request_json);
-    if (!request) {
-        plugin_set_error(error, error_size, "The load request is not valid JSON.");
-        return PB_ERR_INVALID_REQUEST;
+    pb_model *model = model_new();
+    if (!model) {
+        plugin_set_error(error, error_size, "Out of memory.");
+        return PB_ERR_OUT_OF_MEMORY;
     }
-    pb_model *model = calloc(1, sizeof *model);
-    pthread_mutex_init(&model->lock, NULL);
-    const char *tmp = getenv("TMPDIR");
-    snprintf(model->work_dir, sizeof model->work_dir, "%s/patchbay-llama-XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    if (!mkdtemp(model->work_dir)) {
-        plugin_set_error(error, error_size, "Could not create a work directory: %s", strerror(errno));
-        json_free(request);
-        launch_config_free(&model->config);
-        free(model);
-        return PB_ERR_INTERNAL;
-    }
-    snprintf(model->log_path, sizeof model->log_path, "%s/llama-server.log", model->work_dir);
-    random_key(model->api_key);
-
-    pb_status status = launch_parse_request(request, model->work_dir, &model->config, error, error_size);
-    json_free(request);
-    if (status == PB_OK) {
-        struct stat st;
-        model->model_bytes = stat(model->config.model_path, &st) == 0 ? (uint64_t)st.st_size : 0;
-        if (model->config.mmproj_path && stat(model->config.mmproj_path, &st) == 0) model->model_bytes += (uint64_t)st.st_size;
-        status = start_child(model, callbacks, error, error_size);
-    }
+    pid_t pid = 0;
+    pb_status status = prepare_model(model, request_json, error, error_size);
+    if (status == PB_OK) status = start_child(model, callbacks, &pid, error, error_size);
     if (status != PB_OK) {
         model_free(model);
         return status;
     }
+    pthread_mutex_lock(&model->lock);
+    child_came_up(model, pid);
+    pthread_mutex_unlock(&model->lock);
     read_model_facts(model);
     if (callbacks) callbacks->progress(callbacks->context, "ready", model->model_bytes, model->model_bytes);
     *out_model = model;
@@ -286,51 +578,12 @@ static void llama_model_info(pb_model *model, pb_model_info *info) {
     if (PB_HAS(info, training_context_length)) info->training_context_length = model->training_context_length;
     if (PB_HAS(info, parameter_count)) info->parameter_count = model->parameter_count;
     if (PB_HAS(info, size_bytes)) info->size_bytes = model->size_bytes;
-    if (PB_HAS(info, architecture)) info->architecture = model->architecture;
+    if (PB_HAS(info, architecture)) info->architecture = model->config.architecture;
 }
 
 static void llama_unload(pb_model *model) {
-    plugin_log(g_host, PB_LOG_INFO, "stopping llama-server pid %d", (int)model->pid);
+    plugin_log(g_host, PB_LOG_INFO, "stopping llama-server for %s", model->config.model_path);
     model_free(model);
-}
-
-/*
- * Makes sure the child is running, respawning it if it died (a crash, an OOM
- * kill), and copies its address. A respawn gets a new port.
- */
-static pb_status ensure_child(pb_model *model, char *base_url, size_t base_url_size, char *error, size_t error_size) {
-    pthread_mutex_lock(&model->lock);
-    pb_status status = PB_OK;
-    int wait_status = 0;
-    if (model->pid <= 0 || child_exited(model->pid, &wait_status)) {
-        if (model->pid > 0) {
-            char how[96];
-            child_describe_exit(wait_status, how, sizeof how);
-            plugin_log(g_host, PB_LOG_WARNING, "llama-server pid %d exited (%s); restarting it", (int)model->pid, how);
-        }
-        model->pid = 0;
-        status = start_child(model, NULL, error, error_size);
-        if (status != PB_OK) status = PB_ERR_ENGINE_UNAVAILABLE;
-    }
-    snprintf(base_url, base_url_size, "%s", model->base_url);
-    pthread_mutex_unlock(&model->lock);
-    return status;
-}
-
-/* Why a transfer broke: the child died, or something else on the way. */
-static void describe_lost_connection(pb_model *model, const char *transfer_error, char *out, size_t size) {
-    pthread_mutex_lock(&model->lock);
-    int wait_status;
-    if (model->pid > 0 && child_exited(model->pid, &wait_status)) {
-        char how[96];
-        child_describe_exit(wait_status, how, sizeof how);
-        plugin_set_error(out, size, "Lost connection to the model server: llama-server exited (%s). It is restarted on the next request.", how);
-        plugin_log(g_host, PB_LOG_WARNING, "llama-server pid %d exited mid-request (%s)", (int)model->pid, how);
-        model->pid = 0;
-    } else {
-        plugin_set_error(out, size, "Lost connection to the model server (%s).", transfer_error);
-    }
-    pthread_mutex_unlock(&model->lock);
 }
 
 /* ─── Runs ─────────────────────────────────────────────────────────────── */
@@ -346,6 +599,7 @@ struct pb_run {
     int is_completion;
     int64_t max_tokens;
     int64_t max_wall_ms;    /* 0: no budget */
+    uint64_t generation;    /* the child it talks to (ensure_child) */
 
     /* Set during run_execute. */
     const pb_event_sink *sink;
@@ -422,6 +676,12 @@ static int on_stream_tick(void *context) {
     return 0;
 }
 
+/* While the run waits for a respawn: a cancel stops the wait, and so do its deadline and heartbeats (on_stream_tick). */
+static int run_gives_up(void *context) {
+    pb_run *run = context;
+    return upstream_stream_cancelled(run->stream) || on_stream_tick(run);
+}
+
 /*
  * A normalized request (see patchbay.h), and whether it is a raw completion;
  * NULL with `*status` and `error` filled if it is malformed or of a kind this
@@ -456,8 +716,8 @@ static pb_status llama_run_create_with_inputs(pb_model *model, const char *reque
     if (!request) return status;
     char *body = request_build_body(request, is_completion, inputs, inputs ? input_count : 0, &status, error,
                                     error_size);
-    int64_t max_tokens = (int64_t)json_get_number(request, "max_tokens", -1);
-    int64_t max_wall_ms = (int64_t)json_get_number(request, "max_wall_ms", 0);
+    int64_t max_tokens = request_max_tokens(request);
+    int64_t max_wall_ms = json_get_int64(request, "max_wall_ms", 0);
     json_free(request);
     if (!body) return status;
     pb_run *run = calloc(1, sizeof *run);
@@ -493,20 +753,26 @@ static void llama_run_execute(pb_run *run, const pb_event_sink *sink) {
         emit_finish(run, PB_FINISH_CANCELLED, NULL);
         return;
     }
-    char base_url[64], message[2048];
-    pb_status status = ensure_child(run->model, base_url, sizeof base_url, message, sizeof message);
+    char message[2048];
+    uint32_t retry_after_ms;
+    child_waiter waiter = {.gives_up = run_gives_up, .context = run};
+    pb_status status = ensure_child(run->model, &waiter, &run->generation, &retry_after_ms, message, sizeof message);
+    if (status == PB_ERR_CANCELLED) {
+        emit_finish(run, run->out_of_time ? PB_FINISH_TIME_LIMIT : PB_FINISH_CANCELLED, NULL);
+        return;
+    }
     if (status != PB_OK) {
-        emit_error(run, status, message, 0);
+        emit_error(run, status, message, retry_after_ms);
         return;
     }
     char url[128];
-    snprintf(url, sizeof url, "%s%s", base_url, run->is_completion ? "/v1/completions" : "/v1/chat/completions");
+    url_for(run->is_completion ? "/v1/completions" : "/v1/chat/completions", url, sizeof url);
     plugin_log(g_host, PB_LOG_DEBUG, "POST %s %s", url, run->body);
     long http_status = 0;
     char transfer_error[256] = "";
-    upstream_result result = upstream_stream_run(run->stream, url, run->model->api_key, run->body, on_stream_data,
-                                                 on_stream_tick, run, &http_status, transfer_error,
-                                                 sizeof transfer_error);
+    upstream_result result = upstream_stream_run(run->stream, run->model->socket_path, url, run->model->api_key,
+                                                 run->body, on_stream_data, on_stream_tick, run, &http_status,
+                                                 transfer_error, sizeof transfer_error);
     if (run->ended) return; /* an error arrived in the stream */
     switch (result) {
     case UPSTREAM_CANCELLED:
@@ -517,7 +783,7 @@ static void llama_run_execute(pb_run *run, const pb_event_sink *sink) {
         emit_error(run, PB_ERR_TIMED_OUT, message, DEFAULT_RETRY_AFTER_MS);
         return;
     case UPSTREAM_FAILED:
-        describe_lost_connection(run->model, transfer_error, message, sizeof message);
+        describe_lost_connection(run->model, run->generation, transfer_error, message, sizeof message);
         emit_error(run, PB_ERR_ENGINE_UNAVAILABLE, message, 0);
         return;
     case UPSTREAM_ABORTED:
@@ -534,7 +800,6 @@ static void llama_run_execute(pb_run *run, const pb_event_sink *sink) {
         break;
     }
     if (http_status != 200) {
-        uint32_t retry_after_ms;
         status = map_upstream_error(http_status, run->error_body.data, upstream_stream_retry_after_ms(run->stream),
                                     message, sizeof message, &retry_after_ms);
         emit_error(run, status, message, retry_after_ms);
@@ -560,22 +825,24 @@ static void llama_run_destroy(pb_run *run) {
 
 static pb_status post_json(pb_model *model, const char *path, const char *body, json_value **out, char *error,
                            size_t error_size) {
-    char base_url[64], url[128];
-    pb_status status = ensure_child(model, base_url, sizeof base_url, error, error_size);
-    if (status != PB_OK) return status;
-    snprintf(url, sizeof url, "%s%s", base_url, path);
+    char url[128];
+    uint64_t generation;
+    uint32_t retry_after_ms; /* these calls return only a status: the host chooses when to retry */
+    child_waiter waiter = {.deadline_ms = plugin_now_ms() + POST_TIMEOUT_MS};
+    pb_status status = ensure_child(model, &waiter, &generation, &retry_after_ms, error, error_size);
+    if (status != PB_OK) return status_for_host(status, host_minor());
+    url_for(path, url, sizeof url);
     json_buffer reply;
     jb_init(&reply);
     char transfer_error[256];
     upstream_reply_info info;
-    long http_status = upstream_request(url, model->api_key, body, POST_TIMEOUT_MS, &reply, &info, transfer_error,
-                                        sizeof transfer_error);
-    uint32_t retry_after_ms; /* these calls return only a status: the host chooses when to retry */
+    long http_status = upstream_request(model->socket_path, url, model->api_key, body, POST_TIMEOUT_MS, &reply, &info,
+                                        transfer_error, sizeof transfer_error);
     if (http_status == 0 && info.timed_out) {
         plugin_set_error(error, error_size, "llama-server did not answer %s within %d s.", path, POST_TIMEOUT_MS / 1000);
         status = PB_ERR_TIMED_OUT;
     } else if (http_status == 0) {
-        describe_lost_connection(model, transfer_error, error, error_size);
+        describe_lost_connection(model, generation, transfer_error, error, error_size);
         status = PB_ERR_ENGINE_UNAVAILABLE;
     } else if (http_status != 200) {
         status = map_upstream_error(http_status, reply.data, info.retry_after_ms, error, error_size, &retry_after_ms);

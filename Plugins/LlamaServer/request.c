@@ -2,6 +2,7 @@
 #include "json_buffer.h"
 #include "plugin_util.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -135,6 +136,12 @@ static pb_status append_messages(json_buffer *b, const json_value *messages, con
 
 /* ─── The body ──────────────────────────────────────────────────────────── */
 
+static int64_t clamp(int64_t value, int64_t min, int64_t max) { return value < min ? min : value > max ? max : value; }
+
+int64_t request_max_tokens(const json_value *request) {
+    return clamp(json_get_int64(request, "max_tokens", -1), -1, INT32_MAX);
+}
+
 static void forward(json_buffer *b, const json_value *request, const char *const *keys) {
     for (const char *const *key = keys; *key; key++) {
         const json_value *value = json_get(request, *key);
@@ -192,13 +199,13 @@ char *request_build_body(const json_value *request, int is_completion, const pb_
     jb_key(&b, "response_fields");
     jb_append_str(&b, "[\"stop_type\",\"stopping_word\",\"truncated\",\"tokens_predicted\"]");
     jb_key(&b, "max_tokens");
-    jb_printf(&b, "%lld", (long long)json_get_number(request, "max_tokens", -1));
+    jb_printf(&b, "%lld", (long long)request_max_tokens(request));
     forward(&b, request, forwarded);
     if (!is_completion) forward(&b, request, chat_only);
     const json_value *top_k = json_get(request, "top_k");
     if (top_k && top_k->kind == JSON_NUMBER) {
         jb_key(&b, "top_k"); /* OpenAI-style -1 ("off") is llama.cpp's 0 */
-        jb_printf(&b, "%d", top_k->number < 0 ? 0 : (int)top_k->number);
+        jb_printf(&b, "%lld", (long long)clamp(json_get_int64(request, "top_k", 0), 0, INT32_MAX));
     }
     const json_value *repetition = json_get(request, "repetition_penalty");
     if (repetition && repetition->kind == JSON_NUMBER) {
@@ -207,7 +214,7 @@ char *request_build_body(const json_value *request, int is_completion, const pb_
     }
     /* llama-server's own limit counts from the first token and ends a generation only at a
      * newline; the run's deadline (llama_server_plugin.c) is the one that holds. */
-    double wall_ms = json_get_number(request, "max_wall_ms", 0);
+    int64_t wall_ms = json_get_int64(request, "max_wall_ms", 0);
     if (wall_ms > 0) {
         jb_key(&b, "t_max_predict_ms");
         jb_printf(&b, "%lld", (long long)wall_ms);

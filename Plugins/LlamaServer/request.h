@@ -6,6 +6,7 @@
 #define PB_LLAMA_REQUEST_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "json_reader.h"
 #include "patchbay.h"
@@ -18,6 +19,12 @@
  */
 char *request_build_body(const json_value *request, int is_completion, const pb_byte_input *const *inputs,
                          size_t input_count, pb_status *status, char *error, size_t error_size);
+
+/**
+ * The request's max_tokens as llama-server takes it: -1 for none, and at most
+ * INT32_MAX (its counters are 32-bit; a client may send up to 2^63 - 1).
+ */
+int64_t request_max_tokens(const json_value *request);
 
 /** Base64 (RFC 4648, padded) of `size` bytes into `out`, which holds 4 * ((size + 2) / 3) chars; no NUL. */
 void request_base64(const unsigned char *bytes, size_t size, char *out);

@@ -53,7 +53,7 @@ static void read_choice(sse_reader *reader, const json_value *choice) {
             const char *arguments = json_get_string(function, "arguments");
             pb_event event = {
                 .type = PB_EVENT_TOOL_CALL_DELTA,
-                .tool_index = (int32_t)json_get_number(call, "index", (double)i),
+                .tool_index = (int32_t)json_get_int64(call, "index", (int64_t)i),
                 .tool_call_id = json_get_string(call, "id"),
                 .tool_name = json_get_string(function, "name"),
                 .text = arguments ? arguments : "",
@@ -76,9 +76,9 @@ static void read_progress(sse_reader *reader, const json_value *progress) {
     reader->has_progress = 1;
     reader->progress = (pb_event){
         .type = PB_EVENT_PROGRESS,
-        .progress_processed = (int64_t)json_get_number(progress, "processed", 0),
-        .progress_total = (int64_t)json_get_number(progress, "total", 0),
-        .progress_cached = (int64_t)json_get_number(progress, "cache", 0),
+        .progress_processed = json_get_int64(progress, "processed", 0),
+        .progress_total = json_get_int64(progress, "total", 0),
+        .progress_cached = json_get_int64(progress, "cache", 0),
     };
     pb_event event = reader->progress;
     reader->emit(reader->context, &event);
@@ -91,7 +91,7 @@ static void read_verbose(sse_reader *reader, const json_value *verbose) {
     replace_string(&reader->stop_type, stop_type);
     replace_string(&reader->stopping_word, json_get_string(verbose, "stopping_word"));
     reader->truncated = json_get_bool(verbose, "truncated", 0);
-    reader->tokens_predicted = (int64_t)json_get_number(verbose, "tokens_predicted", 0);
+    reader->tokens_predicted = json_get_int64(verbose, "tokens_predicted", 0);
 }
 
 /* One `data:` payload of the stream. Returns non-zero to stop reading. */
@@ -102,7 +102,7 @@ static int read_chunk(sse_reader *reader, const char *payload) {
     if (error) {
         char message[1024];
         uint32_t retry_after_ms;
-        pb_status status = map_upstream_error((long)json_get_number(error, "code", 500), payload, 0, message,
+        pb_status status = map_upstream_error((long)json_get_int64(error, "code", 500), payload, 0, message,
                                               sizeof message, &retry_after_ms);
         pb_event event = {.type = PB_EVENT_ERROR, .error_code = status, .text = message, .text_len = strlen(message),
                           .retry_after_ms = retry_after_ms};
@@ -121,9 +121,9 @@ static int read_chunk(sse_reader *reader, const char *payload) {
     if (usage && usage->kind == JSON_OBJECT) {
         pb_event event = {
             .type = PB_EVENT_USAGE,
-            .prompt_tokens = (int64_t)json_get_number(usage, "prompt_tokens", 0),
-            .completion_tokens = (int64_t)json_get_number(usage, "completion_tokens", 0),
-            .cached_tokens = (int64_t)json_get_number(json_get(usage, "prompt_tokens_details"), "cached_tokens", 0),
+            .prompt_tokens = json_get_int64(usage, "prompt_tokens", 0),
+            .completion_tokens = json_get_int64(usage, "completion_tokens", 0),
+            .cached_tokens = json_get_int64(json_get(usage, "prompt_tokens_details"), "cached_tokens", 0),
         };
         reader->emit(reader->context, &event);
     }

@@ -63,13 +63,14 @@ static struct curl_slist *headers_for(const char *api_key, int has_body) {
 }
 
 /* Settings shared by every request to a child. */
-static void configure(CURL *easy, const char *url, struct curl_slist *headers, const char *body) {
+static void configure(CURL *easy, const char *socket_path, const char *url, struct curl_slist *headers,
+                      const char *body) {
+    curl_easy_setopt(easy, CURLOPT_UNIX_SOCKET_PATH, socket_path);
     curl_easy_setopt(easy, CURLOPT_URL, url);
     curl_easy_setopt(easy, CURLOPT_HTTPHEADER, headers);
     curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(easy, CURLOPT_FORBID_REUSE, 1L);
     curl_easy_setopt(easy, CURLOPT_FRESH_CONNECT, 1L);
-    curl_easy_setopt(easy, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(easy, CURLOPT_PROXY, ""); /* the child is local: never through a proxy from the environment */
     curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, 5000L);
     if (body) {
@@ -83,7 +84,7 @@ static size_t collect(char *bytes, size_t size, size_t count, void *user) {
     return size * count;
 }
 
-long upstream_request(const char *url, const char *api_key, const char *body, long timeout_ms,
+long upstream_request(const char *socket_path, const char *url, const char *api_key, const char *body, long timeout_ms,
                       json_buffer *out, upstream_reply_info *info, char *error, size_t error_size) {
     upstream_reply_info ignored;
     if (!info) info = &ignored;
@@ -94,7 +95,7 @@ long upstream_request(const char *url, const char *api_key, const char *body, lo
         return 0;
     }
     struct curl_slist *headers = headers_for(api_key, body != NULL);
-    configure(easy, url, headers, body);
+    configure(easy, socket_path, url, headers, body);
     curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, timeout_ms);
     curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, collect);
     curl_easy_setopt(easy, CURLOPT_WRITEDATA, out);
@@ -164,7 +165,8 @@ static size_t deliver(char *bytes, size_t size, size_t count, void *user) {
 
 uint32_t upstream_stream_retry_after_ms(const upstream_stream *stream) { return stream->retry_after_ms; }
 
-upstream_result upstream_stream_run(upstream_stream *stream, const char *url, const char *api_key, const char *body,
+upstream_result upstream_stream_run(upstream_stream *stream, const char *socket_path, const char *url,
+                                    const char *api_key, const char *body,
                                     upstream_on_data on_data, upstream_on_tick on_tick, void *context,
                                     long *http_status, char *error, size_t error_size) {
     *http_status = 0;
@@ -175,7 +177,7 @@ upstream_result upstream_stream_run(upstream_stream *stream, const char *url, co
         return UPSTREAM_FAILED;
     }
     struct curl_slist *headers = headers_for(api_key, 1);
-    configure(easy, url, headers, body);
+    configure(easy, socket_path, url, headers, body);
     curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, deliver);
     curl_easy_setopt(easy, CURLOPT_WRITEDATA, stream);
     curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, read_header);

@@ -1,9 +1,10 @@
 /*
  * upstream.h — HTTP to one llama-server child, through libcurl.
  *
- * Every request opens its own connection and closes it at the end (no reuse):
- * llama-server frees a slot when its client's connection closes, so closing is
- * how a cancel reaches the engine.
+ * The child listens on a Unix socket (`socket_path`), never on a TCP port:
+ * the URL names only the path. Every request opens its own connection and
+ * closes it at the end (no reuse): llama-server frees a slot when its client's
+ * connection closes, so closing is how a cancel reaches the engine.
  */
 #ifndef PB_LLAMA_UPSTREAM_H
 #define PB_LLAMA_UPSTREAM_H
@@ -25,11 +26,11 @@ typedef struct upstream_reply_info {
 } upstream_reply_info;
 
 /**
- * A blocking request: GET when `body` is NULL, else POST of JSON. The response
+ * A blocking request over `socket_path`: GET when `body` is NULL, else POST of JSON. The response
  * body goes to `out`. Returns the HTTP status, or 0 when no response came
  * (`error` then says why). `info` may be NULL.
  */
-long upstream_request(const char *url, const char *api_key, const char *body, long timeout_ms,
+long upstream_request(const char *socket_path, const char *url, const char *api_key, const char *body, long timeout_ms,
                       json_buffer *out, upstream_reply_info *info, char *error, size_t error_size);
 
 /** A streaming POST that can be cancelled from any thread. */
@@ -58,7 +59,8 @@ upstream_stream *upstream_stream_create(void);
  * Sends the POST and delivers the body until the end, a cancel, an abort or an
  * error. At most once per stream. `on_tick` may be NULL.
  */
-upstream_result upstream_stream_run(upstream_stream *stream, const char *url, const char *api_key, const char *body,
+upstream_result upstream_stream_run(upstream_stream *stream, const char *socket_path, const char *url,
+                                    const char *api_key, const char *body,
                                     upstream_on_data on_data, upstream_on_tick on_tick, void *context,
                                     long *http_status, char *error, size_t error_size);
 /** The reply's Retry-After in ms (0 when absent); valid after upstream_stream_run. */

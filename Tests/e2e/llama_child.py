@@ -1,10 +1,11 @@
-"""Looks at a llama-server child directly: the host's children, their port and key, and
+"""Looks at a llama-server child directly: the host's children, their socket and key, and
 what the engine itself reports (/slots, /metrics). Tests use this to check at the
 engine, not through Patchbay, that a cancel really stopped decoding."""
+import http.client
 import json
-import os
+import socket
 import time
-import urllib.request
+import urllib.error
 from pathlib import Path
 
 
@@ -41,21 +42,46 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
     return not is_running(pid)
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the Unix socket a child serves on (it binds no TCP port)."""
+
+    def __init__(self, path: str, timeout: float = 10):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
 class Child:
     def __init__(self, pid: int):
         self.pid = pid
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
         self.args = args
-        self.port = int(args[args.index("--port") + 1])
+        self.socket_path = args[args.index("--host") + 1]
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        self.key = next(e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"LLAMA_API_KEY="))
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.environ = dict(e.decode().split("=", 1) for e in environ if b"=" in e)
+        self.key = self.environ["LLAMA_API_KEY"]
+
+    def request(self, method: str, path: str, body=None, key=True):
+        """(status, text) of a request straight to the child."""
+        headers = {"Authorization": f"Bearer {self.key}"} if key else {}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        conn = UnixHTTPConnection(self.socket_path)
+        try:
+            conn.request(method, path, json.dumps(body) if body is not None else None, headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
 
     def get(self, path: str, key=True):
-        headers = {"Authorization": f"Bearer {self.key}"} if key else {}
-        req = urllib.request.Request(self.base + path, headers=headers)
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            body = resp.read().decode()
+        status, body = self.request("GET", path, key=key)
+        if status >= 400:
+            raise urllib.error.HTTPError(path, status, body, None, None)
         return json.loads(body) if path != "/metrics" else body
 
     def slots(self) -> list:

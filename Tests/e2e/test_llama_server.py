@@ -98,8 +98,10 @@ def test_model_is_served_by_llama_server(llama):
     assert model["context_length"] == 8192
     child = the_child(llama)
     assert child.args[0] == os.environ["PATCHBAY_LLAMA_SERVER"]
-    # Bound to loopback, and useless without the key only the host knows.
-    assert child.args[child.args.index("--host") + 1] == "127.0.0.1"
+    # On a Unix socket in a directory only its owner may enter, and useless without the key
+    # only the host knows.
+    socket_dir = Path(child.socket_path).parent
+    assert child.socket_path.endswith(".sock") and socket_dir.stat().st_mode & 0o777 == 0o700
     with pytest.raises(urllib.error.HTTPError) as refused:
         child.get("/slots", key=False)
     assert refused.value.code == 401
@@ -365,14 +367,20 @@ def test_load_errors_are_clear(server):
 
     status, body = server.post("/api/inference/load", {"model_path": SMOLLM2,
                                                        "llama_extra_args": ["--no-such-flag"]})
+    assert status == 400, body
+    assert "--no-such-flag" in body["error"]["message"]
+
+    # A value llama-server rejects: the client hears that the child exited, the log says why.
+    status, body = server.post("/api/inference/load", {"model_path": SMOLLM2,
+                                                       "llama_extra_args": ["--flash-attn", "sideways"]})
     assert status == 500, body
     assert "exited during load" in body["error"]["message"]
-    assert "--no-such-flag" in body["error"]["message"]  # the tail of llama-server's own log
+    assert "sideways" in server.log_path.read_text()  # the tail of llama-server's own log
 
     status, body = server.post("/api/inference/load", {"model_path": SMOLLM2,
                                                        "llama_server_path": "/nonexistent/llama-server"})
-    assert status == 500, body
-    assert "llama-server not found" in body["error"]["message"]
+    assert status == 400, body
+    assert "llama_server_path" in body["error"]["message"]
     assert llama_children(server.process.pid) == []
 
 
