@@ -42,7 +42,8 @@ def test_load_a_plugin_at_runtime_from_a_path(workdir):
     server = Server(workdir, plugins=())
     try:
         assert server.get("/api/plugins")[1]["plugins"] == []
-        copy = workdir / "libMyBackend.so"
+        # Dropped into the plugin folder after start; only those folders are allowed.
+        copy = server.plugin_dir / "libMyBackend.so"
         shutil.copy(REFERENCE_PLUGIN, copy)
         status, plugin = server.post("/api/plugins/load", {"path": str(copy)})
         assert status == 200 and plugin["name"] == "reference"
@@ -56,22 +57,23 @@ def test_load_a_plugin_at_runtime_from_a_path(workdir):
 
 
 def test_incompatible_plugins_are_refused_and_the_server_keeps_running(server, workdir):
-    future = build_plugin(workdir, "future", FUTURE_MAJOR)
+    # Built into the plugin folder after start: a library elsewhere would be refused unopened.
+    future = build_plugin(server.plugin_dir, "future", FUTURE_MAJOR)
     status, error = server.post("/api/plugins/load", {"path": future})
     assert status == 400
     assert "ABI 2.3" in error["error"]["message"] and "ABI 1.1" in error["error"]["message"]
     assert future in error["error"]["message"]
 
-    no_entry = build_plugin(workdir, "noentry", NO_ENTRY)
+    no_entry = build_plugin(server.plugin_dir, "noentry", NO_ENTRY)
     status, error = server.post("/api/plugins/load", {"path": no_entry})
     assert status == 400 and "pb_plugin_entry" in error["error"]["message"]
 
-    garbage = workdir / "libgarbage.so"
+    garbage = server.plugin_dir / "libgarbage.so"
     garbage.write_bytes(b"this is not an ELF file")
     status, error = server.post("/api/plugins/load", {"path": str(garbage)})
     assert status == 400 and "cannot open" in error["error"]["message"]
 
-    assert server.post("/api/plugins/load", {"path": str(workdir / "missing.so")})[0] == 404
+    assert server.post("/api/plugins/load", {"path": str(server.plugin_dir / "missing.so")})[0] == 404
     refused = {r["path"] for r in server.get("/api/plugins")[1]["refused"]}
     assert {future, no_entry, str(garbage)} <= refused
     assert server.get("/health")[0] == 200
