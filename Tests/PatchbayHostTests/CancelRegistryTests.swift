@@ -39,6 +39,40 @@ struct CancelRegistryTests {
         #expect(second.value == 0)
     }
 
+    @Test func cancelForARunThatJustFinishedIsANoOp() {
+        let registry = CancelRegistry()
+        let first = registry.register([.cancelID("stop-me")], cancel: {})
+        registry.unregister(first)
+        // The Stop raced the natural finish: nothing is stashed for the id's next run.
+        #expect(registry.cancel(.init(cancelID: "stop-me")) == 0)
+        #expect(registry.pendingCount == 0)
+        let next = CancelCounter()
+        _ = registry.register([.cancelID("stop-me")], cancel: next.cancel)
+        #expect(next.value == 0)
+    }
+
+    @Test func finishedIDsAreForgottenAfterTheirLifetime() async throws {
+        let registry = CancelRegistry(pendingLifetime: .milliseconds(50))
+        registry.unregister(registry.register([.cancelID("old")], cancel: {}))
+        try await Task.sleep(for: .milliseconds(120))
+        #expect(registry.finishedCount == 0)
+        _ = registry.cancel(.init(cancelID: "old"))
+        #expect(registry.pendingCount == 1)
+    }
+
+    @Test func bothMemoriesAreBoundedAndForgetTheOldestFirst() {
+        let registry = CancelRegistry(memoryLimit: 100)
+        for index in 0..<10_000 { _ = registry.cancel(.init(cancelID: "early-\(index)")) }
+        #expect(registry.pendingCount == 100)
+        // The newest are kept.
+        let newest = CancelCounter(), oldest = CancelCounter()
+        _ = registry.register([.cancelID("early-9999")], cancel: newest.cancel)
+        _ = registry.register([.cancelID("early-0")], cancel: oldest.cancel)
+        #expect(newest.value == 1 && oldest.value == 0)
+        for index in 0..<10_000 { registry.unregister(registry.register([.cancelID("done-\(index)")], cancel: {})) }
+        #expect(registry.finishedCount == 100)
+    }
+
     @Test func pendingCancelExpires() async throws {
         let registry = CancelRegistry(pendingLifetime: .milliseconds(50))
         _ = registry.cancel(.init(cancelID: "late"))
