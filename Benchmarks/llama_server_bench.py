@@ -311,7 +311,7 @@ def prefill_close_latency(child: Child, target: Target, i: int) -> float:
     import socket
     body = json.dumps({"messages": prompt(i, PREFILL_ITEMS), "max_tokens": 50, "stream": True}).encode()
     sock = socket.create_connection(("127.0.0.1", target.port))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {target.key}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     while not child.busy():
         time.sleep(0.002)

@@ -166,7 +166,7 @@ def test_registry_is_empty_after_normal_error_and_disconnected_runs(server, open
     # A client that goes away mid-stream.
     sock = socket.create_connection(("127.0.0.1", server.port))
     body = json.dumps({"model": "slow", "stream": True, "messages": [{"role": "user", "content": "go"}]}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     received = b""
     while b"data:" not in received:
