@@ -344,6 +344,8 @@ static void ref_model_info(pb_model *model, pb_model_info *info) {
 
 static void ref_unload(pb_model *model) {
     __atomic_sub_fetch(&g_live_models, 1, __ATOMIC_SEQ_CST);
+    /* Logged so that a test can count unloads from the engine's side. */
+    plugin_log(g_host, PB_LOG_INFO, "unloaded %s", model->path);
     free_model(model);
 }
 
