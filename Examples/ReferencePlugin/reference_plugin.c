@@ -20,6 +20,8 @@
  *   retry_after_ms=1000      what that busy error tells the client to wait
  *   batching=0               1: one engine thread per model decodes all its runs (see below)
  *   ignore_wall_limit=0      1: ignore the request's max_wall_ms (to test the host's own watchdog)
+ *   create_delay_ms=0        run_create takes this long, then logs "run created" (to test that
+ *                            the host never frees a model under a run_create in progress)
  *   vision=0                 1: the model accepts images; the reply starts with one token per image
  *   transcript=Hello from the reference transcriber.   what a transcription "hears"
  *   segment_words=4          words per transcription segment
@@ -126,6 +128,7 @@ struct pb_model {
     uint32_t retry_after_ms;
     int batching;
     int ignore_wall_limit;
+    int create_delay_ms;
     int vision;
     int segment_words;
     engine *engine;         /* NULL unless batching */
@@ -153,6 +156,7 @@ static void set_setting(pb_model *m, const char *key, const char *value) {
     else if (!strcmp(key, "retry_after_ms")) m->retry_after_ms = (uint32_t)strtoul(value, NULL, 10);
     else if (!strcmp(key, "batching")) m->batching = atoi(value);
     else if (!strcmp(key, "ignore_wall_limit")) m->ignore_wall_limit = atoi(value);
+    else if (!strcmp(key, "create_delay_ms")) m->create_delay_ms = atoi(value);
     else if (!strcmp(key, "vision")) m->vision = atoi(value);
     else if (!strcmp(key, "segment_words")) m->segment_words = atoi(value);
     if (text) { free(*text); *text = dup_string(value); }
@@ -733,6 +737,10 @@ static pb_status ref_run_create_with_inputs(pb_model *model, const char *request
     if (status != PB_OK) {
         free_run(run);
         return status;
+    }
+    if (model->create_delay_ms > 0) {
+        plugin_sleep_ms(model->create_delay_ms);
+        plugin_log(g_host, PB_LOG_INFO, "run created on %s", model->path); /* reads the model: it must still exist */
     }
     *out_run = run;
     return PB_OK;

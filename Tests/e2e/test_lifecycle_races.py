@@ -138,6 +138,23 @@ def test_concurrent_unloads_release_the_model_once(server):
         sock.close()
 
 
+def test_unload_during_run_create_waits_for_it(server):
+    server.load("m", reply="a b", repeat=1, token_delay_ms=20, create_delay_ms=1000)
+    replies = []
+    chat = threading.Thread(target=lambda: replies.append(server.post("/v1/chat/completions", chat_body("m", max_tokens=1000))))
+    chat.start()
+    time.sleep(0.3)  # the plugin is inside run_create now
+    status, body = server.post("/api/inference/unload", {"model_path": "m", "force_cancel_active": True})
+    chat.join(10)
+    assert status == 200, body
+    assert server.process.poll() is None
+    [(chat_status, _)] = replies
+    assert chat_status in (200, 404, 499)
+    log = server.log_path.read_text()
+    created, unloaded = log.find("run created on"), log.find("unloaded " + str(server.workdir / "m.ref"))
+    assert 0 <= created < unloaded, log
+
+
 def test_cancel_that_races_a_natural_finish_does_not_cancel_the_next_run(server):
     server.load("m", reply="one two three")
     status, first = server.post("/v1/chat/completions", chat_body("m", max_tokens=50, cancel_id="stop-me"))
