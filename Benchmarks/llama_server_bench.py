@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "e2e"))
-from llama_child import Child, llama_children  # noqa: E402
+from llama_child import Child, UnixHTTPConnection, llama_children  # noqa: E402
 
 from host_bench import build_dir  # noqa: E402 - beside this script
 
@@ -79,15 +79,29 @@ def wait_health(port: int, process: subprocess.Popen, what: str):
 
 
 class Target:
-    """Somewhere to send chat requests: Patchbay, or a llama-server straight."""
+    """Somewhere to send chat requests: Patchbay, or a llama-server straight (Patchbay's own
+    child on its Unix socket, or one started here on a TCP port)."""
 
-    def __init__(self, name, port, key=None):
-        self.name, self.port, self.key = name, port, key
+    def __init__(self, name, port=None, key=None, socket_path=None):
+        self.name, self.port, self.key, self.socket_path = name, port, key, socket_path
+
+    def connection(self, timeout=120) -> http.client.HTTPConnection:
+        if self.socket_path:
+            return UnixHTTPConnection(self.socket_path, timeout=timeout)
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def raw_socket(self):
+        import socket
+        if self.socket_path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(self.socket_path)
+            return sock
+        return socket.create_connection(("127.0.0.1", self.port))
 
     def stream(self, body, on_first=None, stop_after=None):
         """Streams a chat; returns (ttft_s, decode_s, content_chunks, total_s). `stop_after` closes
         the connection after that many content chunks and returns at once."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        conn = self.connection()
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
@@ -236,7 +250,8 @@ def main():
 
         def start_direct(drop_batch_flags: bool):
             args = list(child.args)
-            args[args.index("--port") + 1] = str(direct_port := free_port())
+            host = args.index("--host")  # the child's Unix socket: this one gets a TCP port
+            args[host:host + 2] = ["--host", "127.0.0.1", "--port", str(direct_port := free_port())]
             if drop_batch_flags:  # llama-server's own defaults
                 for flag in ("--batch-size", "--ubatch-size"):
                     i = args.index(flag)
@@ -248,7 +263,7 @@ def main():
             return proc
 
         patchbay = Target("patchbay", port)
-        direct = Target("direct", child.port, child.key)
+        direct = Target("direct", key=child.key, socket_path=child.socket_path)
         print(f"llama-server: {LLAMA_SERVER}\nmodel: {MODEL}\nchild: {' '.join(child.args[1:])}\n")
 
         for target in (patchbay, direct):  # warm-up
@@ -282,7 +297,7 @@ def main():
 
         # The same stop at llama-server's default batch sizes, and prompt speed at both settings.
         default_child = Child(start_direct(True).pid)
-        default_target = Target("default", default_child.port, child.key)
+        default_target = Target("default", port=int(default_child.args[default_child.args.index("--port") + 1]), key=child.key)
         stops = []
         for i in range(3):
             stops.append(prefill_close_latency(default_child, default_target, 4000 + i))
@@ -291,8 +306,8 @@ def main():
 
         ours, theirs = [], []
         for i in range(2):
-            ours.append(prompt_speed(child.base, child.key, 5000 + i))
-            theirs.append(prompt_speed(default_child.base, child.key, 6000 + i))
+            ours.append(prompt_speed(direct, 5000 + i))
+            theirs.append(prompt_speed(default_target, 6000 + i))
         print(f"prompt tokens/s (~3k tokens): Patchbay's settings {statistics.median(ours):.0f}, "
               f"llama-server defaults {statistics.median(theirs):.0f}, "
               f"ratio {statistics.median(ours) / statistics.median(theirs):.3f}   (target >= 0.95)")
@@ -308,9 +323,8 @@ def main():
 
 def prefill_close_latency(child: Child, target: Target, i: int) -> float:
     """A client that closes its connection 0.3 s into a ~3k-token prefill: seconds until the engine is idle."""
-    import socket
     body = json.dumps({"messages": prompt(i, PREFILL_ITEMS), "max_tokens": 50, "stream": True}).encode()
-    sock = socket.create_connection(("127.0.0.1", target.port))
+    sock = target.raw_socket()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {target.key}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     while not child.busy():
@@ -323,13 +337,14 @@ def prefill_close_latency(child: Child, target: Target, i: int) -> float:
     return time.perf_counter() - t0
 
 
-def prompt_speed(base: str, key: str, i: int) -> float:
+def prompt_speed(target: Target, i: int) -> float:
     """Prompt tokens/s that llama-server itself reports for a ~3k-token prompt."""
-    req = urllib.request.Request(base + "/v1/chat/completions",
-                                 data=json.dumps({"messages": prompt(i, PREFILL_ITEMS), "max_tokens": 1}).encode(),
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
-    with urllib.request.urlopen(req, timeout=300) as resp:
-        return json.loads(resp.read())["timings"]["prompt_per_second"]
+    conn = target.connection(timeout=300)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"messages": prompt(i, PREFILL_ITEMS), "max_tokens": 1}),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {target.key}"})
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    return json.loads(response.read())["timings"]["prompt_per_second"]
 
 
 if __name__ == "__main__":

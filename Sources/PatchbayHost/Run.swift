@@ -254,6 +254,9 @@ extension APIError {
         case Int32(PB_ERR_CANCELLED): self = APIError(status: 499, message: message, code: "cancelled")
         case Int32(PB_ERR_CONTEXT_LENGTH_EXCEEDED):
             self = .invalidRequest(message, param: "messages", code: "context_length_exceeded")
+        case Int32(PB_ERR_ENGINE_UNAVAILABLE) where retryAfterMilliseconds > 0:
+            // Down for a known while (a crashing engine backed off): unavailable, try later.
+            self = APIError(status: 503, message: message, code: "engine_unavailable", retryAfterSeconds: retryAfter)
         case Int32(PB_ERR_ENGINE_UNAVAILABLE): self = APIError(status: 502, message: message, code: "engine_unavailable")
         case Int32(PB_ERR_OUT_OF_MEMORY): self = APIError(status: 507, message: message, code: "out_of_memory")
         case Int32(PB_ERR_BUSY):

@@ -5,6 +5,7 @@ private Unix socket, load failures told briefly to the client and fully to the l
 respawn that a cancel or an unload does not wait for and that backs off when the child keeps
 dying, a projector matched to its model, a bounded default context, and max_tokens at the
 edge of Int64."""
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,8 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -403,18 +406,25 @@ def test_a_child_that_keeps_dying_is_refused_quickly_then_retried(server):
     kill_child(the_child(server).pid)
     for _ in range(2):  # the third: no respawn for a while, and the refusal is quick
         status, body, took = ask(server)
-        assert status == 502, body
+        assert status == 503 and body["error"]["code"] == "engine_unavailable", body
         assert "keeps exiting" in body["error"]["message"]
         assert took < 1.0
         assert llama_children(server.process.pid) == []
     assert "died 3 times in a row" in log_text(server)
+    # The client is told when to come back.
+    request = urllib.request.Request(server.base + "/v1/chat/completions", method="POST",
+                                     data=json.dumps({"messages": CAPITAL, "max_tokens": 4}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 503 and 1 <= int(refused.value.headers["Retry-After"]) <= 5
     time.sleep(5.5)  # the first backoff
     status, body, _ = ask(server)
     assert status == 200, body
     # Young again: the next death backs off at once, for longer.
     kill_child(the_child(server).pid)
     status, body, took = ask(server)
-    assert status == 502 and "again in 10 s" in body["error"]["message"], body
+    assert status == 503 and "again in 10 s" in body["error"]["message"], body
 
 
 # ─── The projector beside a model ───────────────────────────────────────────
