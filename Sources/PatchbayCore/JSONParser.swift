@@ -10,8 +10,8 @@ public struct JSONParseError: Error, Sendable, Equatable, CustomStringConvertibl
 
 extension JSONValue {
     /// Parses JSON text strictly (RFC 8259, UTF-8), keeping object members in document order,
-    /// which `JSONDecoder` does not. Numbers follow `JSONDecoder`: integral values that fit
-    /// `Int64` are `.int` (`1.0` too), the rest `.double`. Refused: nesting deeper than
+    /// which `JSONDecoder` does not. Numbers land in `JSONDecoder`'s cases: integers that fit
+    /// `Int64` are `.int`, and so are `1.0` and `1e2`; the rest are `.double`. Refused: nesting deeper than
     /// `JSONParser.maxDepth`, a key repeated in one object, numbers beyond `Double`, lone
     /// surrogate escapes, invalid UTF-8 and anything after the value. A UTF-8 BOM is skipped.
     public init(parsing json: some ContiguousBytes) throws(JSONParseError) {
