@@ -297,7 +297,7 @@ def main():
 
         # The same stop at llama-server's default batch sizes, and prompt speed at both settings.
         default_child = Child(start_direct(True).pid)
-        default_target = Target("default", port=int(default_child.args[default_child.args.index("--port") + 1]), key=child.key)
+        default_target = Target("default", port=default_child.port, key=child.key)
         stops = []
         for i in range(3):
             stops.append(prefill_close_latency(default_child, default_target, 4000 + i))

@@ -60,7 +60,10 @@ class Child:
         self.pid = pid
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
         self.args = args
-        self.socket_path = args[args.index("--host") + 1]
+        host = args[args.index("--host") + 1]
+        # Patchbay's children serve on a Unix socket; one a benchmark starts may use TCP.
+        self.socket_path = host if host.endswith(".sock") else None
+        self.port = None if self.socket_path else int(args[args.index("--port") + 1])
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         self.environ = dict(e.decode().split("=", 1) for e in environ if b"=" in e)
         self.key = self.environ["LLAMA_API_KEY"]
@@ -70,7 +73,8 @@ class Child:
         headers = {"Authorization": f"Bearer {self.key}"} if key else {}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        conn = UnixHTTPConnection(self.socket_path)
+        conn = (UnixHTTPConnection(self.socket_path) if self.socket_path
+                else http.client.HTTPConnection("127.0.0.1", self.port, timeout=10))
         try:
             conn.request(method, path, json.dumps(body) if body is not None else None, headers)
             resp = conn.getresponse()
