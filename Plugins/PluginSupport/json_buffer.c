@@ -75,7 +75,8 @@ void jb_append_json_string(json_buffer *b, const char *text) {
 
 static void append_number(json_buffer *b, double number) {
     if (!isfinite(number)) { jb_append_str(b, "null"); return; }
-    if (number == (double)(long long)number && fabs(number) < 9e15) jb_printf(b, "%lld", (long long)number);
+    /* The range test comes first: casting a double outside long long's range is undefined. */
+    if (fabs(number) < 9e15 && number == (double)(long long)number) jb_printf(b, "%lld", (long long)number);
     else jb_printf(b, "%.17g", number);
 }
 
