@@ -99,18 +99,29 @@ class Child:
         return sum(token.get("n_decoded", 0) for slot in self.slots() if slot.get("is_processing")
                    for token in slot.get("next_token", []))
 
+    def prompt_processing(self) -> int:
+        """Prompt tokens processed so far by the slots processing now (live, unlike /metrics,
+        which counts a prompt's tokens when it ends or is cut short)."""
+        return sum(slot.get("n_prompt_tokens_processed", 0) for slot in self.slots() if slot.get("is_processing"))
+
+    def metric(self, name: str) -> float:
+        """One of llama-server's /metrics counters, e.g. `prompt_tokens_total`."""
+        for line in self.get("/metrics").splitlines():
+            if line.startswith(f"llamacpp:{name} "):
+                return float(line.split()[-1])
+        raise AssertionError(f"llama-server's /metrics has no {name}")
+
     def tokens_predicted_total(self) -> int:
         """llama-server's counter of decoded tokens; it grows when a request ends."""
-        for line in self.get("/metrics").splitlines():
-            if line.startswith("llamacpp:tokens_predicted_total"):
-                return int(float(line.split()[-1]))
-        raise AssertionError("llama-server's /metrics has no tokens_predicted_total")
+        return int(self.metric("tokens_predicted_total"))
 
     def prompt_tokens_total(self) -> int:
-        for line in self.get("/metrics").splitlines():
-            if line.startswith("llamacpp:prompt_tokens_total"):
-                return int(float(line.split()[-1]))
-        raise AssertionError("llama-server's /metrics has no prompt_tokens_total")
+        """llama-server's counter of prompt tokens processed (cached ones excluded). It grows
+        when a prompt ends or, for one cut short, when its slot goes idle."""
+        return int(self.metric("prompt_tokens_total"))
+
+    def prompt_seconds_total(self) -> float:
+        return self.metric("prompt_seconds_total")
 
     def wait_idle(self, timeout: float = 5.0) -> float:
         """Seconds until no slot is processing; raises on timeout. Polls every 5 ms: each poll

@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import anthropic
 import openai
 import pytest
 
-from conftest import REFERENCE_PLUGIN, ROOT, Server, read_stats
+from conftest import REFERENCE_PLUGIN, ROOT, Server, engine_stays_stopped, read_stats, start_thread, wait_for_stats
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -29,7 +28,7 @@ class RawStream:
         self.sock = socket.socket()
         if receive_buffer:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        self.sock.settimeout(30)
+        self.sock.settimeout(10)
         self.sock.connect(("127.0.0.1", server.port))
         payload = json.dumps(body).encode()
         self.sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -72,7 +71,7 @@ class RawStream:
 
 @pytest.fixture
 def anthropic_client(server):
-    return anthropic.Anthropic(base_url=server.base, api_key="unused", max_retries=0)
+    return server.anthropic()
 
 
 # ─── A batching engine is never stalled by a slow client ──────────────────────────────
@@ -89,14 +88,8 @@ def test_a_slow_reader_does_not_slow_the_other_streams_of_a_batching_engine(serv
         """Chunks per second of the slowest of `streams`, all read at full speed at once."""
         for stream in streams:
             stream.read_until(b"data: {", 10)
-        counts = [0] * len(streams)
-        threads = [threading.Thread(target=lambda i=i: counts.__setitem__(i, streams[i].count_chunks_for(3)))
-                   for i in range(len(streams))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return min(counts) / 3
+        threads = [start_thread(stream.count_chunks_for, 3) for stream in streams]
+        return min(thread.join(10) for thread in threads) / 3
 
     # Baseline: four fast readers.
     streams = [RawStream(server, "/v1/chat/completions", body) for _ in range(4)]
@@ -186,22 +179,23 @@ def test_the_hosts_wall_clock_cap_stops_an_engine_that_ignores_its_budget(workdi
     try:
         stats = str(workdir / "deaf.stats")
         server.load("deaf", ignore_wall_limit=1, repeat=1, token_delay_ms=20, stats_file=stats)
-        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
         started = time.monotonic()
         finish = None
-        for chunk in client.chat.completions.create(model="deaf", messages=USER, stream=True, max_tokens=100000):
+        for chunk in server.openai().chat.completions.create(model="deaf", messages=USER, stream=True,
+                                                             max_tokens=100000):
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
         elapsed = time.monotonic() - started
         assert finish == "length"
+        # The engine would go on for over half an hour; the host's backstop (the cap plus a
+        # second) stopped it, and the engine's own counters say it stopped.
         assert 2 <= elapsed < 6, elapsed
-        produced = read_stats(stats)["produced_tokens"]
-        time.sleep(0.3)
-        assert read_stats(stats)["produced_tokens"] == produced, "the engine kept decoding past the cap"
+        wait_for_stats(stats, active_runs=0)
+        engine_stays_stopped(stats, settle=0.3)
 
-        message = anthropic.Anthropic(base_url=server.base, api_key="unused", max_retries=0).messages.create(
-            model="deaf", max_tokens=10000, messages=USER)
+        message = server.anthropic().messages.create(model="deaf", max_tokens=10000, messages=USER)
         assert message.stop_reason == "max_tokens"
+        wait_for_stats(stats, active_runs=0)
     finally:
         server.stop()
 
@@ -244,11 +238,7 @@ def test_a_client_that_leaves_during_prefill_stops_the_engine(server, workdir):
     stream.read_until(b": keep-alive", 5)
     assert read_stats(stats)["active_runs"] == 1
     stream.close()
-    deadline = time.monotonic() + 4
-    while read_stats(stats)["active_runs"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    after = read_stats(stats)
-    assert after["active_runs"] == 0, "the engine kept processing the prompt of a client that left"
+    after = wait_for_stats(stats, timeout=4, active_runs=0)  # else the engine went on for a client that left
     assert after["produced_tokens"] == 0
     assert server.wait_idle() == 0
 

@@ -3,13 +3,13 @@ shapes against the reference plugin (a deterministic stream), and the real SmolL
 the llama-server backend."""
 import json
 import threading
-import time
 
 import anthropic
 import pytest
 
-from conftest import read_stats
-from test_llama_server import SMOLLM2, llama  # noqa: F401 - the shared SmolLM2 host fixture
+from conftest import (LLAMA_TIMEOUT, Server, engine_stays_stopped, needs_llama, read_stats, start_thread, wait_for,
+                      wait_for_stats)
+from test_llama_server import llama  # noqa: F401 - the shared SmolLM2 host fixture
 
 WEATHER = {"name": "get_weather", "description": "Get the weather in a city.",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -17,7 +17,7 @@ WEATHER = {"name": "get_weather", "description": "Get the weather in a city.",
 
 @pytest.fixture
 def claude(server):
-    return anthropic.Anthropic(base_url=server.base, api_key="unused", max_retries=0)
+    return server.anthropic()
 
 
 def test_non_streaming_message(server, claude):
@@ -108,7 +108,6 @@ def test_errors_use_the_anthropic_envelope(server, claude):
 
 
 def test_huge_body_is_a_413_in_the_anthropic_envelope(workdir):
-    from conftest import Server
     server = Server(workdir, extra_args=["--max-body-mb", "1"])
     try:
         status, body = server.post("/v1/messages", raw=b'{"x":"' + b"a" * (2 * 1024 * 1024) + b'"}')
@@ -118,18 +117,17 @@ def test_huge_body_is_a_413_in_the_anthropic_envelope(workdir):
 
 
 def test_x_api_key_and_bearer_both_work(workdir):
-    from conftest import Server
     server = Server(workdir, extra_args=["--api-key", "sekrit"])
     try:
         status, _ = server.post("/api/inference/load", {"model_path": server.model_file("ref")},
                                 headers={"x-api-key": "sekrit"})
         assert status == 200
-        client = anthropic.Anthropic(base_url=server.base, api_key="sekrit", max_retries=0)
+        client = server.anthropic(api_key="sekrit")
         assert client.messages.create(model="ref", max_tokens=5, messages=[{"role": "user", "content": "Hi"}]).content
-        bearer = anthropic.Anthropic(base_url=server.base, auth_token="sekrit", max_retries=0)
+        bearer = server.anthropic(api_key=None, auth_token="sekrit")
         assert bearer.messages.create(model="ref", max_tokens=5, messages=[{"role": "user", "content": "Hi"}]).content
         with pytest.raises(anthropic.AuthenticationError):
-            anthropic.Anthropic(base_url=server.base, api_key="wrong", max_retries=0).messages.create(
+            server.anthropic(api_key="wrong").messages.create(
                 model="ref", max_tokens=5, messages=[{"role": "user", "content": "Hi"}])
     finally:
         server.stop()
@@ -159,41 +157,39 @@ def test_cancel_a_messages_stream(server, claude, workdir, key):
                     started.set()
             got["stop"] = stream.get_final_message().stop_reason
 
-    thread = threading.Thread(target=consume)
-    thread.start()
-    assert started.wait(10)
+    thread = start_thread(consume)
+    wait_for(lambda: started.is_set() or not thread.is_alive(), 10, "the first token")
+    assert read_stats(stats)["active_runs"] == 1
     body = {"cancel_id": "anthropic-run"} if key == "cancel_id" else {"message_id": got["message_id"]}
     status, answer = server.post("/api/inference/cancel", body)
     assert answer["cancelled"] == 1, (body, answer)
     thread.join(10)
     assert got["stop"] == "end_turn"
-    produced = read_stats(stats)["produced_tokens"]
-    time.sleep(0.2)
-    assert read_stats(stats)["produced_tokens"] == produced, "the engine kept going after the cancel"
+    # The engine's own word: the run left its slot and nothing is produced any more.
+    wait_for_stats(stats, active_runs=0)
+    engine_stays_stopped(stats)
     assert server.wait_idle() == 0
 
 
-def test_non_streaming_messages_are_cancellable(server, claude):
-    server.load("slow", reply="tick", repeat=1, token_delay_ms=10)
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(m=claude.messages.create(
-        model="slow", max_tokens=1000, messages=[{"role": "user", "content": "Go"}],
-        extra_body={"session_id": "thread-7"})))
-    thread.start()
-    deadline = time.time() + 5
-    while server.active_generations() == 0 and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)
+def test_non_streaming_messages_are_cancellable(server, claude, workdir):
+    stats = str(workdir / "slow.stats")
+    server.load("slow", reply="tick", repeat=1, token_delay_ms=10, stats_file=stats)
+    thread = start_thread(claude.messages.create, model="slow", max_tokens=1000,
+                          messages=[{"role": "user", "content": "Go"}], extra_body={"session_id": "thread-7"})
+    wait_for(lambda: read_stats(stats)["produced_tokens"] >= 5, 10, "the engine to produce five tokens")
     assert server.post("/api/inference/cancel", {"session_id": "thread-7"})[1]["cancelled"] == 1
-    thread.join(10)
-    assert result["m"].stop_reason == "end_turn" and result["m"].content[0].text.startswith("tick")
+    message = thread.join(10)
+    assert message.stop_reason == "end_turn" and message.content[0].text.startswith("tick")
+    produced = wait_for_stats(stats, active_runs=0)["produced_tokens"]
+    assert engine_stays_stopped(stats)["produced_tokens"] == produced < 1000
 
 
 # ─── The real model ─────────────────────────────────────────────────────────
 
-@pytest.mark.skipif(not SMOLLM2, reason="needs PATCHBAY_SMOLLM2 (scripts/test sets it)")
+@needs_llama
+@LLAMA_TIMEOUT
 def test_smollm2_through_the_anthropic_sdk(llama):
-    claude = anthropic.Anthropic(base_url=llama.base, api_key="unused", max_retries=0)
+    claude = llama.anthropic(timeout=120)
     greedy = {"temperature": 0}  # (this SDK version no longer takes `temperature` as an argument)
     message = claude.messages.create(model="default", max_tokens=40, system="You are a helpful assistant.",
                                      messages=[{"role": "user", "content": "What is the capital of France?"}],

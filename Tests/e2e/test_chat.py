@@ -5,6 +5,8 @@ import socket
 import openai
 import pytest
 
+from conftest import Server, recv_until
+
 
 def test_non_streaming_chat(server, openai_client):
     server.load("hello", reply="Hello from the reference engine.")
@@ -127,7 +129,6 @@ def test_malformed_json_and_unknown_model(server, openai_client):
 
 
 def test_oversized_body_is_413(workdir):
-    from conftest import Server
     server = Server(workdir, extra_args=["--max-body-mb", "1"])
     try:
         status, error = server.post("/v1/chat/completions", raw=b"x" * (2 * 1024 * 1024))
@@ -143,7 +144,6 @@ def test_anthropic_path_errors_use_anthropic_envelope(server):
 
 
 def test_api_key(workdir):
-    from conftest import Server
     server = Server(workdir, extra_args=["--api-key", "sekret"])
     try:
         assert server.get("/v1/models")[0] == 401
@@ -164,13 +164,11 @@ def test_registry_is_empty_after_normal_error_and_disconnected_runs(server, open
         openai_client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a b c d e f"}])
     assert info.value.body["code"] == "context_length_exceeded"
     # A client that goes away mid-stream.
-    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     body = json.dumps({"model": "slow", "stream": True, "messages": [{"role": "user", "content": "go"}]}).encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    received = b""
-    while b"data:" not in received:
-        received += sock.recv(4096)
+    recv_until(sock, b"data:", 10)
     assert server.active_generations() == 1
     sock.close()
     assert server.wait_idle() == 0

@@ -1,9 +1,8 @@
 """/v1/completions with the official openai SDK: the reference plugin for exact shapes,
 the real SmolLM2 through llama-server for a real raw completion."""
-import openai
-import pytest
-
-from test_llama_server import SMOLLM2, llama  # noqa: F401 - the shared SmolLM2 host fixture
+from conftest import (LLAMA_TIMEOUT, engine_stays_stopped, needs_llama, read_stats, start_thread, wait_for,
+                      wait_for_stats)
+from test_llama_server import llama  # noqa: F401 - the shared SmolLM2 host fixture
 
 
 def test_completion_non_streaming(server, openai_client):
@@ -40,25 +39,23 @@ def test_completion_length_and_bad_input(server, openai_client):
     assert status == 400 and answer["error"]["type"] == "invalid_request_error"
 
 
-def test_completion_is_cancellable(server, openai_client):
-    import threading
-    server.load("slow", reply="tick", repeat=1, token_delay_ms=10)
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(r=openai_client.completions.create(
-        model="slow", prompt="Go", max_tokens=5000, extra_body={"cancel_id": "cmpl-run"})))
-    thread.start()
-    import time
-    deadline = time.time() + 5
-    while server.active_generations() == 0 and time.time() < deadline:
-        time.sleep(0.01)
+def test_completion_is_cancellable(server, openai_client, workdir):
+    stats = str(workdir / "slow.stats")
+    server.load("slow", reply="tick", repeat=1, token_delay_ms=10, stats_file=stats)
+    thread = start_thread(openai_client.completions.create, model="slow", prompt="Go", max_tokens=5000,
+                          extra_body={"cancel_id": "cmpl-run"})
+    wait_for(lambda: read_stats(stats)["active_runs"] == 1, 5, "the engine to start the run")
     assert server.post("/api/inference/cancel", {"cancel_id": "cmpl-run"})[1]["cancelled"] == 1
-    thread.join(10)
-    assert result["r"].choices[0].finish_reason == "stop"
+    reply = thread.join(10)
+    assert reply.choices[0].finish_reason == "stop"
+    produced = wait_for_stats(stats, active_runs=0)["produced_tokens"]
+    assert engine_stays_stopped(stats)["produced_tokens"] == produced < 5000
 
 
-@pytest.mark.skipif(not SMOLLM2, reason="needs PATCHBAY_SMOLLM2 (scripts/test sets it)")
+@needs_llama
+@LLAMA_TIMEOUT
 def test_smollm2_raw_completion(llama):
-    client = openai.OpenAI(base_url=llama.base + "/v1", api_key="unused", max_retries=0)
+    client = llama.openai(timeout=120)
     reply = client.completions.create(model="default", prompt="The capital of France is", max_tokens=8, temperature=0)
     assert "Paris" in reply.choices[0].text
     streamed = "".join(c.choices[0].text for c in client.completions.create(

@@ -5,7 +5,8 @@ import math
 import openai
 import pytest
 
-from test_llama_server import SMOLLM2, llama  # noqa: F401 - the shared SmolLM2 host fixture
+from conftest import LLAMA_TIMEOUT, SMOLLM2, needs_llama
+from test_llama_server import llama  # noqa: F401 - the shared SmolLM2 host fixture
 
 
 def cosine(a, b):
@@ -35,9 +36,10 @@ def test_embeddings_bad_input(server):
         assert answer["error"]["param"] == param, (body, answer)
 
 
-@pytest.mark.skipif(not SMOLLM2, reason="needs PATCHBAY_SMOLLM2 (scripts/test sets it)")
+@needs_llama
+@LLAMA_TIMEOUT
 def test_smollm2_embeddings_through_llama_server(llama):
-    client = openai.OpenAI(base_url=llama.base + "/v1", api_key="unused", max_retries=0)
+    client = llama.openai(timeout=120)
     # A chat model does not embed: a clear 400, not an engine error.
     with pytest.raises(openai.BadRequestError) as refused:
         client.embeddings.create(model="default", input="hello")

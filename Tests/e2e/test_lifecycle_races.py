@@ -6,10 +6,10 @@ import json
 import re
 import signal
 import socket
-import threading
 import time
 
-from conftest import Server, read_stats
+from conftest import (Server, engine_stays_stopped, read_stats, read_until_closed, recv_until, start_thread, wait_for,
+                      wait_for_stats)
 
 
 def chat_body(model, max_tokens=100000, stream=False, **extra):
@@ -19,24 +19,11 @@ def chat_body(model, max_tokens=100000, stream=False, **extra):
 
 def open_request(server, path, body):
     """Sends a request on a raw socket and returns the socket, unread."""
-    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     data = json.dumps(body).encode()
     sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
                  % (path.encode(), len(data)) + data)
     return sock
-
-
-def produced(stats_path):
-    return read_stats(stats_path)["produced_tokens"]
-
-
-def wait_until(predicate, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_non_streaming_client_that_disconnects_stops_the_engine(server, workdir):
@@ -46,13 +33,12 @@ def test_non_streaming_client_that_disconnects_stops_the_engine(server, workdir)
                        ("/v1/messages", {"model": "slow", "max_tokens": 100000, "messages": [{"role": "user", "content": "hi"}]}),
                        ("/v1/responses", {"model": "slow", "max_output_tokens": 100000, "input": "hi"})]:
         sock = open_request(server, path, body)
-        assert wait_until(lambda: server.active_generations() == 1, 5)
+        wait_for(lambda: read_stats(stats)["active_runs"] == 1, 5, f"{path}: the engine to start the run")
         time.sleep(0.3)
         sock.close()
-        assert wait_until(lambda: server.active_generations() == 0, 2), path
-        stopped_at = produced(stats)
-        time.sleep(0.5)
-        assert produced(stats) == stopped_at, f"{path}: the engine kept generating for nobody"
+        wait_for_stats(stats, timeout=2, active_runs=0)  # the engine's own word that the run ended
+        engine_stays_stopped(stats)
+        wait_for(lambda: server.active_generations() == 0, 2, f"{path}: the host to let go of the run")
 
 
 def test_streaming_client_that_leaves_during_prefill_stops_the_run(workdir):
@@ -62,12 +48,10 @@ def test_streaming_client_that_leaves_during_prefill_stops_the_run(workdir):
         stats = workdir / "prefill.stats"
         server.load("prefill", prefill_ms=20000, stats_file=stats)
         sock = open_request(server, "/v1/chat/completions", chat_body("prefill", stream=True))
-        assert wait_until(lambda: server.active_generations() == 1, 5)
-        started = time.time()
+        wait_for_stats(stats, active_runs=1)
         sock.close()
-        assert wait_until(lambda: server.active_generations() == 0, 2)
-        assert time.time() - started < 2
-        assert produced(stats) == 0
+        assert wait_for_stats(stats, timeout=2, active_runs=0)["produced_tokens"] == 0
+        wait_for(lambda: server.active_generations() == 0, 2, "the host to let go of the run")
     finally:
         server.stop()
 
@@ -75,7 +59,7 @@ def test_streaming_client_that_leaves_during_prefill_stops_the_run(workdir):
 def stalled_stream(server, model):
     """A stream whose client reads the first bytes and then never again, socket open."""
     sock = open_request(server, "/v1/chat/completions", chat_body(model, max_tokens=10_000_000, stream=True))
-    sock.recv(1000)
+    recv_until(sock, b"data:", 10)
     return sock
 
 
@@ -90,6 +74,7 @@ def test_client_that_stops_reading_does_not_hold_unload(server, workdir):
     assert status == 200, body
     assert time.time() - started < 3
     assert server.active_generations() == 0
+    assert read_stats(stats)["active_runs"] == 0
     sock.close()
 
 
@@ -99,34 +84,58 @@ def test_stalled_write_is_cut_after_the_write_timeout(workdir):
         stats = workdir / "fast.stats"
         server.load("fast", reply="word " * 50, repeat=1, stats_file=stats)
         sock = stalled_stream(server, "fast")
-        assert wait_until(lambda: server.active_generations() == 0, 15), "a client that stopped reading held its run"
-        stopped_at = produced(stats)
-        time.sleep(0.5)
-        assert produced(stats) == stopped_at
+        wait_for(lambda: server.active_generations() == 0, 15, "the host to cut off a client that stopped reading")
+        wait_for_stats(stats, active_runs=0)
+        engine_stays_stopped(stats)
         # The server closed the connection: after what the kernel buffered, the stream ends.
-        sock.settimeout(10)
-        while sock.recv(1 << 20):
-            pass
+        read_until_closed(sock, 10)
         sock.close()
         assert server.get("/health")[0] == 200
     finally:
         server.stop()
 
 
+def test_unload_while_streaming_ends_the_stream_stops_the_engine_and_frees_the_model(server, workdir):
+    stats = workdir / "m.stats"
+    path = server.model_file("m", reply="a b", repeat=1, token_delay_ms=10, stats_file=stats)
+    assert server.post("/api/inference/load", {"model_path": path})[0] == 200
+    client = server.openai()
+
+    def consume():
+        chunks, finish = 0, None
+        for chunk in client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=100000, stream=True):
+            if chunk.choices:
+                chunks += 1
+                finish = chunk.choices[0].finish_reason or finish
+        return chunks, finish
+
+    stream = start_thread(consume)
+    wait_for(lambda: read_stats(stats)["produced_tokens"] >= 10, 10, "the engine to produce ten tokens")
+    status, body = server.post("/api/inference/unload", {"model_path": "m", "force_cancel_active": True})
+    assert status == 200, body
+    # The stream ends cleanly (a finish, then [DONE]; the SDK raises on a cut connection) ...
+    chunks, finish = stream.join(10)
+    assert finish == "stop" and 10 <= chunks < 100000
+    # ... the engine stopped and released the model, in its own words ...
+    assert read_stats(stats)["active_runs"] == 0
+    engine_stays_stopped(stats)
+    assert server.log_text().count(f"unloaded {path}") == 1
+    # ... and the model is gone.
+    assert server.get("/api/inference/status")[1]["loaded"] == []
+    assert server.get("/v1/models")[1]["data"] == []
+    status, body = server.post("/v1/chat/completions", chat_body("m", max_tokens=2))
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert server.active_generations() == 0
+
+
 def test_concurrent_unloads_release_the_model_once(server):
     server.load("m", reply="a b", repeat=1, token_delay_ms=50)
     socks = [open_request(server, "/v1/chat/completions", chat_body("m", stream=True)) for _ in range(3)]
-    assert wait_until(lambda: server.active_generations() == 3, 5)
-    results = []
-
-    def unload():
-        results.append(server.post("/api/inference/unload", {"model_path": "m", "force_cancel_active": True}))
-
-    threads = [threading.Thread(target=unload) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    wait_for(lambda: server.active_generations() == 3, 5, "three runs")
+    threads = [start_thread(server.post, "/api/inference/unload", {"model_path": "m", "force_cancel_active": True})
+               for _ in range(6)]
+    results = [thread.join(30) for thread in threads]
     # Those that overlapped the first one waited for it; those that came after it found nothing.
     statuses = [status for status, _ in results]
     assert set(statuses) <= {200, 404} and 200 in statuses, results
@@ -140,15 +149,12 @@ def test_concurrent_unloads_release_the_model_once(server):
 
 def test_unload_during_run_create_waits_for_it(server):
     server.load("m", reply="a b", repeat=1, token_delay_ms=20, create_delay_ms=1000)
-    replies = []
-    chat = threading.Thread(target=lambda: replies.append(server.post("/v1/chat/completions", chat_body("m", max_tokens=1000))))
-    chat.start()
+    chat = start_thread(server.post, "/v1/chat/completions", chat_body("m", max_tokens=1000))
     time.sleep(0.3)  # the plugin is inside run_create now
     status, body = server.post("/api/inference/unload", {"model_path": "m", "force_cancel_active": True})
-    chat.join(10)
+    chat_status, _ = chat.join(10)
     assert status == 200, body
     assert server.process.poll() is None
-    [(chat_status, _)] = replies
     assert chat_status in (200, 404, 499)
     log = server.log_path.read_text()
     created, unloaded = log.find("run created on"), log.find("unloaded " + str(server.workdir / "m.ref"))
@@ -178,26 +184,26 @@ def test_cancel_before_its_request_still_wins(server):
 
 def test_shutdown_refuses_new_generations_and_a_second_signal_ends_the_grace(workdir):
     server = Server(workdir, extra_args=["--shutdown-grace-seconds", "60"])
-    server.load("m", reply="a b", repeat=1, token_delay_ms=20)
-    sock = open_request(server, "/v1/chat/completions", chat_body("m", stream=True))
-    assert wait_until(lambda: server.active_generations() == 1, 5)
-    server.process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert server.process.poll() is None, "the grace period let the stream go on"
-    status, error = server.post("/v1/chat/completions", chat_body("m", max_tokens=2))
-    assert status == 503 and error["error"]["code"] == "server_shutting_down"
-    status, error = server.post("/v1/messages", {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
-    assert status == 503 and error["type"] == "error"
-    assert server.post("/api/inference/load", {"model_path": server.model_file("other")})[0] == 503
-    started = time.time()
-    server.process.send_signal(signal.SIGTERM)
-    server.process.wait(timeout=15)
-    assert time.time() - started < 10
-    assert server.process.returncode == 0
-    # The stream ended cleanly rather than being cut.
-    sock.settimeout(5)
-    data = b""
-    while chunk := sock.recv(1 << 16):
-        data += chunk
-    assert b"data: [DONE]" in data
-    sock.close()
+    try:
+        stats = workdir / "m.stats"
+        server.load("m", reply="a b", repeat=1, token_delay_ms=20, stats_file=stats)
+        sock = open_request(server, "/v1/chat/completions", chat_body("m", stream=True))
+        wait_for(lambda: server.active_generations() == 1, 5, "the run to start")
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert server.process.poll() is None, "the grace period let the stream go on"
+        status, error = server.post("/v1/chat/completions", chat_body("m", max_tokens=2))
+        assert status == 503 and error["error"]["code"] == "server_shutting_down"
+        status, error = server.post("/v1/messages", {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 503 and error["type"] == "error"
+        assert server.post("/api/inference/load", {"model_path": server.model_file("other")})[0] == 503
+        started = time.time()
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=15)
+        assert time.time() - started < 10
+        # The stream ended cleanly rather than being cut, and the engine stopped.
+        assert b"data: [DONE]" in read_until_closed(sock, 10)
+        sock.close()
+        assert read_stats(stats)["active_runs"] == 0
+    finally:
+        server.stop()  # it exited already: this checks that it exited 0 and logged no crash

@@ -11,12 +11,10 @@ import time
 import uuid
 from pathlib import Path
 
-import anthropic
-import openai
 import pytest
 
 import test_llama_server
-from test_llama_server import CAPITAL, GREEDY, LONG_ANSWER, load_smollm2, start_server, the_child
+from test_llama_server import CAPITAL, GREEDY, LONG_ANSWER, load_smollm2, start_server, stop_and_clean_up, the_child
 from test_llama_server import llama  # noqa: F401 - the shared SmolLM2 host fixture
 
 pytestmark = test_llama_server.pytestmark
@@ -38,12 +36,12 @@ LONG_PROMPT_REPEATS = 90  # 33 tokens each
 
 @pytest.fixture
 def claude(llama):  # noqa: F811 - pytest's fixture injection
-    return anthropic.Anthropic(base_url=llama.base, api_key="unused", max_retries=0)
+    return llama.anthropic(timeout=120)
 
 
 @pytest.fixture
 def client(llama):  # noqa: F811
-    return openai.OpenAI(base_url=llama.base + "/v1", api_key="unused", max_retries=0)
+    return llama.openai(timeout=120)
 
 
 def long_prompt() -> list:
@@ -122,9 +120,11 @@ class RawStream:
         self.response = self.connection.getresponse()
         assert self.response.status == 200, self.response.read()
 
-    def lines(self):
-        """(seconds since the request, line) for every non-empty line, until the stream ends."""
+    def lines(self, timeout: float = 200):
+        """(seconds since the request, line) for every non-empty line, until the stream ends;
+        fails if it has not ended after `timeout` s."""
         while True:
+            assert time.perf_counter() - self.started < timeout, f"the stream still runs after {timeout} s"
             raw = self.response.readline()
             if not raw:
                 return
@@ -286,18 +286,17 @@ def test_the_wall_clock_budget_ends_a_generation_as_a_time_limit():
     server = start_server(extra_args=["--max-generation-seconds", "2"])
     try:
         load_smollm2(server)
-        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+        client = server.openai()
         started = time.perf_counter()
         reply = client.chat.completions.create(model="default", messages=LONG_ANSWER, max_tokens=4000, **GREEDY)
         took = time.perf_counter() - started
         assert reply.choices[0].finish_reason == "length"
         assert reply.usage.completion_tokens < 4000
         assert 1.5 < took < 4.0, took
-        claude = anthropic.Anthropic(base_url=server.base, api_key="unused", max_retries=0)
+        claude = server.anthropic()
         message = claude.messages.create(model="default", max_tokens=4000, messages=LONG_ANSWER, extra_body=GREEDY_BODY)
         assert message.stop_reason == "max_tokens"
         assert message.usage.output_tokens < 4000
         the_child(server).wait_idle(timeout=10)  # the plugin's close reached llama-server
     finally:
-        server.stop()
-        server.cleanup()
+        stop_and_clean_up(server)

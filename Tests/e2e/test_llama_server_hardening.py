@@ -12,7 +12,6 @@ import signal
 import struct
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,9 +21,10 @@ import openai
 import pytest
 
 import test_llama_server
-from conftest import Server
+from conftest import Server, start_thread, wait_for
 from llama_child import is_running, llama_children, wait_gone
-from test_llama_server import CAPITAL, GREEDY, LONG_ANSWER, SMOLLM2, load_smollm2, start_server, the_child
+from test_llama_server import (CAPITAL, GREEDY, LONG_ANSWER, SMOLLM2, load_smollm2, start_server, stop_and_clean_up,
+                               the_child)
 from test_llama_server import llama  # noqa: F401 - the shared SmolLM2 host fixture
 
 pytestmark = test_llama_server.pytestmark
@@ -34,9 +34,10 @@ INT64_MAX = 9223372036854775807
 @pytest.fixture
 def server():
     s = start_server()
-    yield s
-    s.stop()
-    s.cleanup()
+    try:
+        yield s
+    finally:
+        stop_and_clean_up(s)
 
 
 @pytest.fixture
@@ -169,8 +170,7 @@ def test_the_child_gets_a_filtered_environment(monkeypatch):
         assert "PATH" in names and "HOME" in names
         assert child.get("/props")["default_generation_settings"]["n_ctx"] == 8192
     finally:
-        server.stop()
-        server.cleanup()
+        stop_and_clean_up(server)
 
 
 # ─── The child's channel: a Unix socket in a 0700 directory ─────────────────
@@ -228,6 +228,7 @@ def test_the_child_listens_on_no_tcp_port(llama):  # noqa: F811
         llama.post("/api/inference/unload", {"model_path": "smol-embed", "force_cancel_active": True})
 
 
+@pytest.mark.optional_environment  # a set-up that does not run as root cannot provide it
 @pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists(), reason="needs root to be another user")
 def test_another_user_cannot_reach_the_socket(llama):  # noqa: F811
     child = the_child(llama)
@@ -287,8 +288,7 @@ def test_no_randomness_fails_the_load(monkeypatch, scratch):
         assert "random" in body["error"]["message"]
         assert llama_children(server.process.pid) == []
     finally:
-        server.stop()
-        server.cleanup()
+        stop_and_clean_up(server)
 
 
 # ─── Respawn: cancellable, never in anyone's way, backing off ───────────────
@@ -314,28 +314,24 @@ def kill_into_a_slow_respawn(server: Server, flag: Path):
     kill_child(the_child(server).pid)
 
 
-def stream_in_background(server: Server, cancel_id: str) -> dict:
-    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=300)
-    result = {"done": threading.Event(), "error": None, "chunks": 0}
+def stream_in_background(server: Server, cancel_id: str):
+    """A stream on a worker thread; join() returns how it ended: (text, finish reason), or
+    the error the SDK raised (an unload may end it with one)."""
+    client = server.openai(timeout=300)
 
     def consume():
+        text, finish = "", None
         try:
-            for _ in client.chat.completions.create(model="default", messages=LONG_ANSWER, max_tokens=50, stream=True,
-                                                    extra_body={"cancel_id": cancel_id}, **GREEDY):
-                result["chunks"] += 1
-        except Exception as error:  # noqa: BLE001 - reported to the test
-            result["error"] = error
-        result["done"].set()
+            for chunk in client.chat.completions.create(model="default", messages=LONG_ANSWER, max_tokens=50,
+                                                        stream=True, extra_body={"cancel_id": cancel_id}, **GREEDY):
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    finish = chunk.choices[0].finish_reason or finish
+        except openai.APIError as error:
+            return error
+        return text, finish
 
-    threading.Thread(target=consume, daemon=True).start()
-    return result
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, what
-        time.sleep(0.02)
+    return start_thread(consume)
 
 
 def test_a_cancel_during_a_respawn_returns_promptly(monkeypatch, scratch):
@@ -345,16 +341,17 @@ def test_a_cancel_during_a_respawn_returns_promptly(monkeypatch, scratch):
     try:
         load_smollm2(server, load_timeout_s=300)
         kill_into_a_slow_respawn(server, flag)
-        result = stream_in_background(server, "respawn-cancel")
-        wait_for(lambda: hanging_children(server), 10, "no respawn started")
+        stream = stream_in_background(server, "respawn-cancel")
+        wait_for(lambda: hanging_children(server), 10, "a respawn to start")
         time.sleep(0.5)
-        assert not result["done"].is_set()
+        assert stream.is_alive(), "the stream did not wait for the respawn"
         # Other work on the host goes on meanwhile.
         assert server.get("/api/inference/status")[0] == 200
         sent = time.perf_counter()
         status, body = server.post("/api/inference/cancel", {"cancel_id": "respawn-cancel"})
         assert status == 200 and body["cancelled"] == 1, body
-        assert result["done"].wait(5), "the run waited for the respawn after its cancel"
+        # The run waited for the respawn; the cancel ends it at once, cleanly.
+        assert stream.join(5) == ("", "stop"), "the run waited for the respawn after its cancel"
         assert time.perf_counter() - sent < 2.0
         assert server.wait_idle() == 0
         # The respawn goes on without the run; an unload stops it at once.
@@ -365,8 +362,7 @@ def test_a_cancel_during_a_respawn_returns_promptly(monkeypatch, scratch):
         assert time.perf_counter() - sent < 3.0
         assert wait_gone(hanging, timeout=2)
     finally:
-        server.stop()
-        server.cleanup()
+        stop_and_clean_up(server)
 
 
 def test_an_unload_during_a_respawn_returns_promptly(monkeypatch, scratch):
@@ -376,19 +372,18 @@ def test_an_unload_during_a_respawn_returns_promptly(monkeypatch, scratch):
     try:
         load_smollm2(server, load_timeout_s=300)
         kill_into_a_slow_respawn(server, flag)
-        result = stream_in_background(server, "respawn-unload")
-        wait_for(lambda: hanging_children(server), 10, "no respawn started")
+        stream = stream_in_background(server, "respawn-unload")
+        wait_for(lambda: hanging_children(server), 10, "a respawn to start")
         [hanging] = hanging_children(server)
         sent = time.perf_counter()
         status, body = server.post("/api/inference/unload", {"model_path": SMOLLM2, "force_cancel_active": True})
         assert status == 200, body
         assert time.perf_counter() - sent < 3.0, "the unload waited for the respawn"
-        assert result["done"].wait(5)
+        assert stream.join(5) == ("", "stop")  # the unload cancelled the waiting run: a clean end
         assert wait_gone(hanging, timeout=2)
         assert host_children(server.process.pid) == []
     finally:
-        server.stop()
-        server.cleanup()
+        stop_and_clean_up(server)
 
 
 def ask(server: Server) -> tuple[int, dict, float]:

@@ -4,7 +4,6 @@ would send it (a no-preflight text/plain POST, a rebinding Host, a foreign Origi
 import http.client
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
