@@ -1,0 +1,123 @@
+"""The API key and the admin key on every route the router has, read from the route files
+themselves, so that a route added later is covered (and must be classified) without anyone
+remembering this test."""
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Server
+
+ROUTE_SOURCES = ROOT / "Sources" / "PatchbayServer"
+
+# Open without a key, for health probes.
+OPEN = {("GET", "/health")}
+# The management routes: they change what runs on the machine or reveal its files, and need
+# the admin key when one is set (README, "Serving").
+MANAGEMENT = {("POST", "/api/inference/load"), ("POST", "/api/inference/unload"),
+              ("POST", "/api/inference/validate"), ("GET", "/api/plugins"), ("POST", "/api/plugins/load")}
+# Routes outside /v1 that are deliberately not management: they need the API key only.
+API_ONLY = {("GET", "/api/inference/status"), ("GET", "/api/inference/load-progress"),
+            ("POST", "/api/inference/cancel")}
+
+REGISTRATION = re.compile(r"\b(\w+)\s*\.\s*(get|post|put|patch|delete|head|on)\s*\(\s*\"([^\"]*)\"")
+ANY_REGISTRATION = re.compile(r"\b(\w+)\s*\.\s*(?:get|post|put|patch|delete|head|on)\s*\(")
+GROUP = re.compile(r"\blet\s+(\w+)\s*=\s*(\w+)\s*\.\s*group\s*\(\s*\"([^\"]*)\"\s*\)")
+
+
+def registered_routes() -> set[tuple[str, str]]:
+    """(method, path) of every route registered in Sources/PatchbayServer, groups resolved.
+    A registration this cannot resolve fails, rather than being left out."""
+    routes = set()
+    for source in sorted(ROUTE_SOURCES.glob("*.swift")):
+        text = source.read_text()
+        prefixes = {"router": ""}
+        for name, parent, prefix in GROUP.findall(text):
+            assert parent in prefixes, f"{source.name}: group {name} on unknown {parent}"
+            prefixes[name] = prefixes[parent] + prefix
+        for receiver, method, path in REGISTRATION.findall(text):
+            assert receiver in prefixes, f"{source.name}: a route on {receiver!r}, which this test cannot resolve"
+            routes.add((method.upper(), prefixes[receiver] + path))
+        # A registration on the router or a group whose path is not a plain string literal.
+        for call in ANY_REGISTRATION.finditer(text):
+            if call.group(1) in prefixes:
+                assert REGISTRATION.match(text, call.start()), \
+                    f"{source.name}: cannot read the path of {text[call.start():call.start() + 80]!r}"
+    return routes
+
+
+ROUTES = sorted(registered_routes())
+
+
+def test_the_route_list_is_read_from_the_sources_and_every_route_is_classified():
+    # The parser found the routes the README documents (so it is not silently finding none) ...
+    documented = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/responses"),
+                  ("POST", "/v1/embeddings"), ("GET", "/v1/models"), ("POST", "/v1/messages"),
+                  ("POST", "/v1/messages/count_tokens")} | OPEN | MANAGEMENT | API_ONLY
+    assert documented <= set(ROUTES), documented - set(ROUTES)
+    # ... and a new route outside /v1 must be put in one of the lists above: is it management?
+    unclassified = [r for r in ROUTES if not r[1].startswith("/v1/") and r not in OPEN | MANAGEMENT | API_ONLY]
+    assert not unclassified, f"classify these routes in {Path(__file__).name}: {unclassified}"
+
+
+def concrete(path: str) -> str:
+    """A path a request can take: `{id+}` and other parameters become a plain segment."""
+    return re.sub(r"\{[^}]*\}", "some-model", path)
+
+
+def call(server: Server, route, key_headers: dict) -> int:
+    method, path = route
+    body = {} if method == "POST" else None
+    return server.request(method, concrete(path), body, headers=key_headers, timeout=30)[0]
+
+
+NO_KEY = {}
+WRONG_KEYS = [{"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"}, {"Authorization": "user-key"}]
+USER = [{"Authorization": "Bearer user-key"}, {"x-api-key": "user-key"}]
+ADMIN = [{"Authorization": "Bearer admin-key"}, {"x-api-key": "admin-key"}]
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("keys"), extra_args=["--api-key", "user-key", "--admin-key", "admin-key"])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def api_key_only(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("key"), extra_args=["--api-key", "user-key"])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])
+def test_every_route_needs_its_key(keyed, route):
+    if route in OPEN:
+        assert call(keyed, route, NO_KEY) == 200
+        return
+    for headers in [NO_KEY, *WRONG_KEYS]:
+        assert call(keyed, route, headers) == 401, f"{route} answered without a valid key ({headers})"
+    for headers in USER:
+        status = call(keyed, route, headers)
+        if route in MANAGEMENT:
+            assert status == 401, f"management route {route} accepted the API key instead of the admin key"
+        else:
+            assert status != 401, f"{route} refused the API key"
+    for headers in ADMIN:
+        assert call(keyed, route, headers) != 401, f"{route} refused the admin key"
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])
+def test_without_an_admin_key_the_api_key_guards_every_route(api_key_only, route):
+    if route in OPEN:
+        assert call(api_key_only, route, NO_KEY) == 200
+        return
+    for headers in [NO_KEY, *WRONG_KEYS, *ADMIN]:
+        assert call(api_key_only, route, headers) == 401, f"{route} answered without the API key ({headers})"
+    for headers in USER:
+        assert call(api_key_only, route, headers) != 401, f"{route} refused the API key"
