@@ -24,8 +24,11 @@ It fails (exit status 1) when:
   - a route refuses its canonical valid request at the end (e.g. GET /v1/models/<loaded id>);
   - a well-framed request got no answer within --request-timeout (a hang);
   - /api/inference/status still counts active generations --idle-timeout seconds after the load;
+  - after the settle, the server still holds TCP connections (all clients have closed theirs);
   - the resident memory after the run and a settle is above baseline + max(25 %, 16 MiB),
-    baseline being VmRSS after the warm-up (--rss-tolerance-pct / --rss-tolerance-mib).
+    baseline being VmRSS after the warm-up (--rss-tolerance-pct / --rss-tolerance-mib). The
+    server runs with MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=131072 so that freed memory
+    goes back to the system and RSS growth means memory kept (--glibc-defaults: without).
 Other oddities (a 4xx whose body is not JSON, a 200 stream without its terminal event, a
 connection closed without a response to a well-framed request) are counted and shown, as
 warnings.
@@ -1134,9 +1137,18 @@ def route_checks(port, ctx) -> list:
     return out
 
 
+# glibc keeps freed memory in per-thread arenas: after large transient buffers (a non-streamed
+# answer is buffered whole; 300k-character strings), RSS stays up without anything being kept.
+# Two arenas and a low trim threshold hand freed memory back, so that growth in RSS measures
+# memory the server keeps. --glibc-defaults runs the allocator as shipped.
+ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def start_server(args):
     extra = ["--max-body-mb", str(args.max_body_mb), "--max-generation-seconds", str(args.max_generation_seconds)]
-    server = harness.PatchbayServer(configuration=args.configuration, extra_args=extra, keep=args.keep)
+    env = {} if args.glibc_defaults else dict(ALLOCATOR_ENV)
+    env.update(kv.split("=", 1) for kv in args.server_env)
+    server = harness.PatchbayServer(configuration=args.configuration, extra_args=extra, keep=args.keep, env=env)
     server.max_body = args.max_body_mb * 1024 * 1024
     return server
 
@@ -1192,6 +1204,11 @@ def main():
     parser.add_argument("--families", help=f"only these request families, comma-separated ({','.join(FAMILIES)}); "
                         "the same seed then makes other requests")
     parser.add_argument("--routes", help="valid/field/body/header/framing requests only to these POST paths, comma-separated")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help=f"do not give the server {' '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())} "
+                             "(then glibc's arena caching shows as RSS growth)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment for the server, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
     parser.add_argument("--target", default=LOCALHOST, help="only 127.0.0.1 is accepted")
     args = parser.parse_args()
     harness.check_local(args.target)
@@ -1202,7 +1219,7 @@ def main():
 
     server = start_server(args)
     print(f"patchbay {server.source} (copied to {server.workdir}), pid {server.pid}, port {server.port}; "
-          f"seed {args.seed}, {args.workers} workers, {os.cpu_count()} cores")
+          f"seed {args.seed}, {args.workers} workers, {os.cpu_count()} cores; server environment {server.env or 'unchanged'}")
     failures = []
     try:
         ctx = setup(server, args.families, args.routes)
@@ -1222,7 +1239,10 @@ def main():
         idle, idle_s = harness.wait_idle(server.port, args.idle_timeout) if alive_after_load else (None, 0)
         time.sleep(args.settle_seconds)
         end_rss, end_fds, end_sockets = server.rss(), server.fds(), server.sockets()
-        status_code, status_body = harness.request_json(server.port, "GET", "/api/inference/status") if server.alive() else (0, {})
+        try:
+            _, status_body = harness.request_json(server.port, "GET", "/api/inference/status") if server.alive() else (0, {})
+        except (OSError, NoResponse, Truncated) as err:
+            status_body = {"error": repr(err)}
         loaded = status_body.get("loaded", []) if isinstance(status_body, dict) else []
         checks = harness.final_checks(server.port, "fuzz") if server.alive() else []
         routes = route_checks(server.port, ctx) if server.alive() else []
@@ -1288,12 +1308,18 @@ def main():
               f"(limit {harness.mib(base_rss + tolerance)} = baseline + max({args.rss_tolerance_pct:.0f} %, {args.rss_tolerance_mib:.0f} MiB))")
         print(f"server file descriptors: {base_fds} after the warm-up, {end_fds} at the end; "
               f"its TCP connections at the end: {end_sockets or 'none'}")
+        if alive and end_sockets:
+            failures.append(f"the server still holds {sum(end_sockets.values())} TCP connections that every client "
+                            f"has closed ({', '.join(f'{k} {v}' for k, v in end_sockets.items())})")
         print(f"models loaded at the end: {len(loaded)} ({', '.join(repr(m[:20]) for m in loaded[:8])}{', …' if len(loaded) > 8 else ''})")
         if alive and end_rss > base_rss + tolerance:
             failures.append(f"RSS {harness.mib(end_rss)} is not back near the baseline {harness.mib(base_rss)}")
     finally:
         status = server.stop()
-        print(f"server stopped with exit status {status}")
+        print(f"server stopped with exit status {status}" +
+              (" (killed: it did not exit within 30 s of SIGTERM)" if server.killed else ""))
+        if server.killed:
+            failures.append("the server did not exit within 30 s of SIGTERM")
         if args.keep:
             print(f"server log: {server.log_path}")
 

@@ -123,7 +123,7 @@ class PatchbayServer:
     """A private copy of the binary and the reference plugin (so a concurrent rebuild cannot
     swap them underneath a long run), started on 127.0.0.1 with its log in the work folder."""
 
-    def __init__(self, configuration="debug", extra_args=(), log_level="warning", keep=False, port=None):
+    def __init__(self, configuration="debug", extra_args=(), log_level="warning", keep=False, port=None, env=None):
         source = build_dir(configuration)
         self.source = source
         self.workdir = Path(tempfile.mkdtemp(prefix="patchbay-harness-"))
@@ -137,10 +137,11 @@ class PatchbayServer:
         self.port = port or free_port()
         self.base = f"http://{LOCALHOST}:{self.port}"
         self.log_path = self.workdir / "server.log"
+        self.env = dict(env or {})
         self.args = [str(self.binary), "serve", "--host", LOCALHOST, "--port", str(self.port),
                      "--plugin-dir", str(plugins), "--log-level", log_level, *extra_args]
         self.process = subprocess.Popen(self.args, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, env={**os.environ, **(env or {})})
         self.pid = self.process.pid
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -185,12 +186,14 @@ class PatchbayServer:
             return ""
 
     def stop(self, timeout=30) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout`; returns the exit status."""
+        """SIGTERM, then SIGKILL after `timeout` (and `self.killed` is set); returns the exit status."""
+        self.killed = False
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                self.killed = True
                 self.process.kill()
                 self.process.wait()
         if not self.keep:
@@ -426,7 +429,7 @@ def active_generations(port: int) -> int | None:
     try:
         status, body = request_json(port, "GET", "/api/inference/status", timeout=10)
         return body.get("active_generations") if status == 200 and isinstance(body, dict) else None
-    except OSError:
+    except (OSError, NoResponse, Truncated):
         return None
 
 
@@ -446,14 +449,14 @@ def final_checks(port: int, model: str) -> list[tuple[str, bool, str]]:
     try:
         status, body = request_json(port, "GET", "/health", timeout=10)
         results.append(("GET /health", status == 200, f"{status} {body}"))
-    except OSError as err:
+    except (OSError, NoResponse, Truncated) as err:
         results.append(("GET /health", False, repr(err)))
     try:
         status, body = request_json(port, "POST", "/v1/chat/completions", {
             "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "still there?"}]}, timeout=30)
         content = body["choices"][0]["message"]["content"] if status == 200 and isinstance(body, dict) else None
         results.append(("chat completion", status == 200 and bool(content), f"{status} content={content!r}"))
-    except (OSError, KeyError, TypeError, IndexError) as err:
+    except (OSError, NoResponse, Truncated, KeyError, TypeError, IndexError) as err:
         results.append(("chat completion", False, repr(err)))
     try:
         conn = Connection(port, timeout=30)

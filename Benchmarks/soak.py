@@ -39,7 +39,8 @@ is orphaned (the server did not notice its client had gone).
 
 Exit status 1 when: a client hung; the registry is not empty --rest-seconds after the last
 client finished; a run was orphaned; a stream ended without its terminal event (broken);
-any 5xx; the server died; or a final chat completion fails.
+any 5xx; the server died or still holds TCP connections at rest; or a final chat completion
+fails.
 """
 import argparse
 import collections
@@ -475,13 +476,16 @@ def main():
     parser.add_argument("--configuration", default="debug", choices=["debug", "release"],
                         help="which .build folder, unless PATCHBAY_BUILD_DIR is set (default debug)")
     parser.add_argument("--keep", action="store_true", help="keep the server's work folder (and its log)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment for the server, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
     parser.add_argument("--target", default=LOCALHOST, help="only 127.0.0.1 is accepted")
     args = parser.parse_args()
     harness.check_local(args.target)
     if args.hang_seconds is None:
         args.hang_seconds = args.max_generation_seconds + 10
 
-    server = harness.PatchbayServer(configuration=args.configuration, keep=args.keep, extra_args=[
+    env = dict(kv.split("=", 1) for kv in args.server_env)
+    server = harness.PatchbayServer(configuration=args.configuration, keep=args.keep, env=env, extra_args=[
         "--keep-alive-seconds", str(args.keep_alive_seconds), "--max-generation-seconds", str(args.max_generation_seconds)])
     print(f"patchbay {server.source} (copied to {server.workdir}), pid {server.pid}, port {server.port}; "
           f"{args.concurrency} clients for {args.duration:.0f} s, seed {args.seed}, keep-alive {args.keep_alive_seconds} s, "
@@ -601,6 +605,8 @@ def main():
                 failures.append(f"final {name} failed")
         if hung or still_live:
             failures.append(f"{hung + len(still_live)} hung clients")
+        if alive and end_sockets:
+            failures.append(f"the server still holds {sum(end_sockets.values())} TCP connections after every client closed")
         if rest_value != 0:
             failures.append(f"active_generations is {rest_value} at rest, not 0")
         if by_outcome.get("broken"):
@@ -615,7 +621,10 @@ def main():
             print(server.log_tail())
     finally:
         status = server.stop()
-        print(f"server stopped with exit status {status}")
+        print(f"server stopped with exit status {status}" +
+              (" (killed: it did not exit within 30 s of SIGTERM)" if server.killed else ""))
+        if server.killed:
+            failures.append("the server did not exit within 30 s of SIGTERM")
         if args.keep:
             print(f"server log: {server.log_path}")
     if failures:
