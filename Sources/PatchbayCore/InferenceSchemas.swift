@@ -32,8 +32,9 @@ public struct LoadModelRequest: Decodable, Sendable {
             throw .invalidRequest("Invalid value for 'cache_type_kv': expected one of \(Self.kvCacheTypes.joined(separator: ", ")).",
                                   param: "cache_type_kv", code: "invalid_value")
         }
-        if let alias, alias.isEmpty {
-            throw .invalidRequest("'alias' must not be empty.", param: "alias", code: "invalid_value")
+        // The id clients type and every listing shows: printable and of a sensible length.
+        if let alias, alias.isEmpty || alias.count > 256 || alias.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) {
+            throw .invalidRequest("'alias' must be 1 to 256 printable characters.", param: "alias", code: "invalid_value")
         }
     }
 }

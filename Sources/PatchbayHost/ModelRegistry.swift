@@ -97,9 +97,7 @@ public final class ModelRegistry: Sendable {
     public func load(_ request: LoadModelRequest, body: JSONValue) async throws(APIError) -> (model: LoadedModel, alreadyLoaded: Bool) {
         try request.validate()
         let path = request.modelPath
-        guard FileManager.default.fileExists(atPath: path) else {
-            throw APIError(status: 404, message: "Model file not found: \(path)", param: "model_path", code: "model_not_found")
-        }
+        try Self.checkModelFile(path)
         let plugin = try resolvePlugin(modelPath: path, backend: request.backend)
         let id = request.alias ?? URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent
         let tracker = LoadTracker(modelID: id)
@@ -215,6 +213,19 @@ public final class ModelRegistry: Sendable {
             try? await Task.sleep(for: .milliseconds(20))
         }
         for model in state.withLock({ $0.models + $0.unloading }) { try? await unload(model, forceCancelActive: true) }
+    }
+
+    /// A model is a file (or a folder, for engines whose models are folders): never a
+    /// device, pipe or socket, which a plugin would read forever.
+    public static func checkModelFile(_ path: String) throws(APIError) {
+        var info = stat()
+        guard stat(path, &info) == 0 else {
+            throw APIError(status: 404, message: "Model file not found: \(path)", param: "model_path", code: "model_not_found")
+        }
+        let type = info.st_mode & S_IFMT
+        guard type == S_IFREG || type == S_IFDIR else {
+            throw .invalidRequest("'\(path)' is not a regular file.", param: "model_path", code: "invalid_value")
+        }
     }
 
     public static let shuttingDown = APIError(status: 503, message: "The server is shutting down.", code: "server_shutting_down")

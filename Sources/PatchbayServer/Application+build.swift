@@ -27,7 +27,9 @@ public func buildApplication(state: ServerState) -> some ApplicationProtocol {
     PluginsRoutes(state: state).register(on: router)
     return Application(
         router: router,
-        server: .http1(configuration: .init(additionalChannelHandlers: [ClientDepartureHandler()])),
+        // A connection with no request in flight for two minutes is closed (a client that
+        // opens connections and sends nothing must not hold them forever).
+        server: .http1(configuration: .init(additionalChannelHandlers: [ClientDepartureHandler()], idleTimeout: .seconds(120))),
         configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "patchbay"),
         logger: state.logger)
 }

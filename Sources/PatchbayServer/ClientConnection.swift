@@ -107,6 +107,15 @@ final class ClientDepartureHandler: ChannelInboundHandler, RemovableChannelHandl
         context.fireUserInboundEventTriggered(event)
     }
 
+    /// A request the HTTP parser refused (a head too large, broken framing) is answered
+    /// with a 400 and the server's side shut; a client that still has bytes to send then
+    /// never gets to close. Closing fully, once the 400 had a moment to go out, frees it.
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        let channel = context.channel
+        channel.eventLoop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
+        context.fireErrorCaught(error)
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
         connection?.markGone()
         ClientConnections.shared.remove(context.channel)

@@ -44,8 +44,10 @@ struct InferenceRoutes {
     private func validate(_ request: Request) async throws -> Response {
         let target = try await state.decodeBody(ModelReferenceRequest.self, of: request)
         let path = target.modelPath
-        guard FileManager.default.fileExists(atPath: path) else {
-            throw APIError(status: 400, message: "Model file not found: \(path)", param: "model_path", code: "model_not_found")
+        do {
+            try ModelRegistry.checkModelFile(path)
+        } catch {
+            throw APIError(status: 400, message: error.message, param: "model_path", code: error.code)  // Studio answers 400 here
         }
         let plugin = try state.models.resolvePlugin(modelPath: path, backend: target.backend)
         let url = URL(fileURLWithPath: path)

@@ -15,6 +15,11 @@ extension Request {
             return Data(buffer.readableBytesView)
         } catch let error as any HTTPResponseError where error.status == .contentTooLarge {
             throw APIError(status: 413, message: "The request body exceeds the limit of \(limit) bytes.", code: "request_too_large")
+        } catch {
+            // The client's fault: a body shorter than its Content-Length, broken chunked
+            // framing, a transfer coding this server does not decode.
+            throw APIError.invalidRequest("The request body could not be read: it ended early or its framing is broken.",
+                                          code: "invalid_body")
         }
     }
 }

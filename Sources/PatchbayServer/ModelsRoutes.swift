@@ -13,7 +13,8 @@ struct ModelsRoutes {
                 ("data", .array(state.models.models.map(\.openAIModelObject))),
             ]))
         }
-        router.get("/v1/models/{id+}") { _, context in
+        // `**` so that an id with slashes ("org/model") is one model id.
+        router.get("/v1/models/**") { _, context in
             let id = context.parameters.getCatchAll().joined(separator: "/")
             guard let model = state.models.models.first(where: { $0.id == id }) else {
                 throw APIError(status: 404, message: "The model '\(id)' does not exist or is not loaded.", param: "model", code: "model_not_found")
