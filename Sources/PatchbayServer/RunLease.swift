@@ -66,12 +66,21 @@ final class RunLease: Sendable {
         if let connectionHook { connection?.removeHook(connectionHook) }
     }
 
-    /// Writes through `writer`, timed by the heartbeat's stall check.
+    /// Writes through `writer`, timed by the heartbeat's stall check. A big batch (events
+    /// that piled up while the client paused) goes out in slices, each timed on its own: a
+    /// client that reads slowly makes progress, one that stopped reading does not.
     func write(_ bytes: [UInt8], to writer: inout any ResponseBodyWriter) async throws {
-        writes.begin()
-        defer { writes.end() }
-        try await writer.write(ByteBuffer(bytes: bytes))
+        var start = 0
+        while start < bytes.count {
+            let end = min(start + Self.writeSlice, bytes.count)
+            writes.begin()
+            defer { writes.end() }
+            try await writer.write(ByteBuffer(bytes: bytes[start..<end]))
+            start = end
+        }
     }
+
+    static let writeSlice = 64 * 1024
 
     /// Waits for the run's first output, before a streaming response commits to 200. An
     /// engine that fails before producing anything (a prompt longer than the context, a busy
