@@ -37,6 +37,13 @@ private final class Producer: Sendable {
     }
 }
 
+/// What the channel holds, taken by its consumer. `next()` waits without a deadline for an
+/// event, so this requires one to be there: a broken channel then fails the test, never hangs it.
+private func takeBuffered(_ channel: EventChannel) async throws -> [GenerationEvent] {
+    try #require(channel.backlog > 0, "nothing is buffered")
+    return await channel.next()
+}
+
 private func tokens(_ count: Int) -> [GenerationEvent] {
     (0..<count).map { .content("t\($0)") }
 }
@@ -44,24 +51,24 @@ private func tokens(_ count: Int) -> [GenerationEvent] {
 @Suite("Event channel")
 struct EventChannelTests {
     /// A batching engine's channel never blocks the engine, and tells it the backlog.
-    @Test func nonBlockingChannelNeverWaitsAndReportsItsBacklog() async {
+    @Test func nonBlockingChannelNeverWaitsAndReportsItsBacklog() async throws {
         let channel = EventChannel(blocking: false)
         for _ in 0..<(EventChannel.capacity * 4) { #expect(channel.push(.content("x")) == .accepted) }
         #expect(channel.backlog == EventChannel.capacity * 4)
-        #expect(await channel.next().count == EventChannel.capacity * 4)
+        #expect(try await takeBuffered(channel).count == EventChannel.capacity * 4)
         #expect(channel.backlog == 0)
     }
 
     /// Past its byte limit a non-blocking channel drops output, asks once for the run to be
     /// cancelled, and ends the response with an error instead of a normal finish.
-    @Test func nonBlockingChannelIsBoundedInBytes() async {
+    @Test func nonBlockingChannelIsBoundedInBytes() async throws {
         let channel = EventChannel(blocking: false)
         let big = String(repeating: "y", count: 1 << 20)
         var results: [EventChannel.PushResult] = []
         for _ in 0..<20 { results.append(channel.push(.content(big))) }
         #expect(results.filter { $0 == .overflowed }.count == 1)
         _ = channel.push(.finish(.cancelled))
-        let events = await channel.next()
+        let events = try await takeBuffered(channel)
         #expect(events.count < 20)
         guard case .error(let error)? = events.last else {
             Issue.record("the response did not end with an error")
@@ -75,45 +82,51 @@ struct EventChannelTests {
         async let batch = channel.next()
         try? await Task.sleep(for: .milliseconds(50))
         channel.wake()
+        // Were wake() to do nothing, this event would end the wait (failing the test) instead of a hang.
+        let rescue = Task {
+            try? await Task.sleep(for: .seconds(5))
+            _ = channel.push(.finish(.stop))
+        }
         #expect(await batch.isEmpty)
+        rescue.cancel()
     }
 
     /// A blocking channel (a plugin with one thread per run) holds the engine once it is
     /// `capacity` events ahead of its client, and lets it go on as the client reads.
-    @Test func blockingChannelHoldsAProducerThatIsAFullBufferAhead() async {
+    @Test func blockingChannelHoldsAProducerThatIsAFullBufferAhead() async throws {
         let channel = EventChannel(blocking: true)
         let producer = Producer(channel, events: tokens(EventChannel.capacity + 1))
-        #expect(await producer.reaches(EventChannel.capacity, within: 10))
+        try #require(await producer.reaches(EventChannel.capacity, within: 10))
         #expect(await !producer.finished(within: 0.3), "the producer ran past a full buffer")
         #expect(producer.pushed.load(ordering: .relaxed) == EventChannel.capacity)
         #expect(channel.backlog == EventChannel.capacity)
         // The client reads: the producer is released and delivers the rest.
-        #expect(await channel.next().count == EventChannel.capacity)
-        #expect(await producer.finished(within: 10))
-        #expect(await channel.next() == [.content("t\(EventChannel.capacity)")])
+        #expect(try await takeBuffered(channel).count == EventChannel.capacity)
+        try #require(await producer.finished(within: 10))
+        #expect(try await takeBuffered(channel) == [.content("t\(EventChannel.capacity)")])
     }
 
     /// The terminal event never waits, however full the buffer: a run can always end.
-    @Test func aTerminalEventIsNeverHeldBack() async {
+    @Test func aTerminalEventIsNeverHeldBack() async throws {
         let channel = EventChannel(blocking: true)
         let producer = Producer(channel, events: tokens(EventChannel.capacity) + [.finish(.cancelled)])
-        #expect(await producer.finished(within: 10))
-        let events = await channel.next()
+        try #require(await producer.finished(within: 10))
+        let events = try await takeBuffered(channel)
         #expect(events.count == EventChannel.capacity + 1)
         #expect(events.last == .finish(.cancelled))
     }
 
     /// A cancel releases a producer that waits on a client that no longer reads, and lifts
     /// the bound for good, so the run ends at once instead of waiting for a reader.
-    @Test func releaseFreesAWaitingProducerAndLiftsTheBound() async {
+    @Test func releaseFreesAWaitingProducerAndLiftsTheBound() async throws {
         let channel = EventChannel(blocking: true)
         let producer = Producer(channel, events: tokens(EventChannel.capacity + 1000) + [.finish(.cancelled)])
-        #expect(await producer.reaches(EventChannel.capacity, within: 10))
+        try #require(await producer.reaches(EventChannel.capacity, within: 10))
         #expect(await !producer.finished(within: 0.3), "the producer ran past a full buffer")
         channel.release()
-        #expect(await producer.finished(within: 10), "release() left the producer waiting")
+        try #require(await producer.finished(within: 10), "release() left the producer waiting")
         #expect(channel.backlog == EventChannel.capacity + 1001)
-        #expect(await channel.next().last == .finish(.cancelled))
+        #expect(try await takeBuffered(channel).last == .finish(.cancelled))
     }
 
     /// A release with nobody waiting is remembered: the next producer is not held either.

@@ -85,7 +85,7 @@ struct RunBackpressureTests {
         run.onEnd { ended.raise() }
         run.start()
 
-        #expect(await eventually(within: 10) { Chatterbox.delivered.load(ordering: .relaxed) >= EventChannel.capacity })
+        try #require(await eventually(within: 10) { Chatterbox.delivered.load(ordering: .relaxed) >= EventChannel.capacity })
         try await Task.sleep(for: .milliseconds(300))
         // Held: the engine delivered a buffer's worth, and waits in the one after.
         let delivered = Chatterbox.delivered.load(ordering: .relaxed)
@@ -93,13 +93,13 @@ struct RunBackpressureTests {
         #expect(!ended.isRaised)
 
         run.cancel()
-        #expect(await eventually(within: 10) { Chatterbox.finished.load(ordering: .relaxed) },
-                "the cancelled engine is still held by the channel")
+        // (`nextEvents()` below waits without a deadline: only once the engine is done.)
+        try #require(await eventually(within: 10) { Chatterbox.finished.load(ordering: .relaxed) },
+                     "the cancelled engine is still held by the channel")
         #expect(await eventually(within: 10) { ended.isRaised })
         #expect(model.activeRunCount == 0)
         // What the engine produced is still there for the client, ending with the finish.
-        var events: [GenerationEvent] = []
-        while events.last?.isTerminal != true { events += await run.nextEvents() }
+        let events = await run.nextEvents()
         #expect(events.count == EventChannel.capacity + 2)
         #expect(events.last == .finish(.cancelled))
     }

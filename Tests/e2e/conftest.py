@@ -70,6 +70,8 @@ def pytest_runtest_makereport(item, call):
             and not item.get_closest_marker("optional_environment")):
         report.outcome = "failed"
         report.longrepr = f"skipped, but PATCHBAY_REQUIRE_ENGINES=1 forbids skips: {_skip_reason(report)}"
+    if report.failed:
+        item.failed_already = True  # for teardown checks that would only repeat the failure
     return report
 
 
@@ -108,7 +110,12 @@ def recv_until(sock: socket.socket, marker: bytes, timeout: float, received: byt
         if left <= 0:
             raise AssertionError(f"{marker!r} did not arrive within {timeout} s; got {received[-300:]!r}")
         sock.settimeout(left)
-        chunk = sock.recv(1 << 16)
+        try:
+            chunk = sock.recv(1 << 16)
+        except TimeoutError:
+            chunk = None
+        if chunk is None:
+            raise AssertionError(f"{marker!r} did not arrive within {timeout} s; got {received[-300:]!r}")
         if not chunk:
             raise AssertionError(f"the connection closed before {marker!r}; got {received[-300:]!r}")
         received += chunk
@@ -124,7 +131,10 @@ def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
         if left <= 0:
             raise AssertionError(f"the connection was still open after {timeout} s; got {data[-300:]!r}")
         sock.settimeout(left)
-        chunk = sock.recv(1 << 16)
+        try:
+            chunk = sock.recv(1 << 16)
+        except TimeoutError:
+            raise AssertionError(f"the connection was still open after {timeout} s; got {data[-300:]!r}") from None
         if not chunk:
             return data
         data += chunk
@@ -170,14 +180,21 @@ def start_thread(fn, *args, **kwargs) -> Worker:
 
 
 @pytest.fixture(autouse=True)
-def workers_are_joined():
-    """A thread's failure may not vanish because the test never looked at it."""
+def workers_are_joined(request):
+    """A thread's failure may not vanish because the test never looked at it: a worker the
+    test did not join is joined here, and what it raised fails the test (unless the test
+    failed already, which then says more)."""
     Worker.started.clear()
     yield
     workers, Worker.started[:] = list(Worker.started), []
     for worker in workers:
-        if not worker.joined:
+        if worker.joined:
+            continue
+        try:
             worker.join(10)  # raises what the thread raised, or fails if it still runs
+        except BaseException:
+            if not getattr(request.node, "failed_already", False):
+                raise
 
 
 # ─── The server ───────────────────────────────────────────────────────────────────────
