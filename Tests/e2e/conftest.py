@@ -3,8 +3,8 @@
 What keeps a failure from disappearing:
 - an engine test that would skip fails instead under PATCHBAY_REQUIRE_ENGINES=1, which
   scripts/test sets (a skip is allowed there only with the `optional_environment` marker);
-- a thread started with `start_thread` hands its exception back on `join`, and a test that
-  leaves one unjoined fails at teardown;
+- a thread started with `start_thread` hands its exception back on `join`; one the test
+  did not join is joined at its teardown, and what it raised fails the test;
 - every server must exit 0 on SIGTERM, leave no llama-server child behind and have no crash
   or sanitizer report in its log, checked when it is stopped (a test that kills one on
   purpose says so with `Server.kill`);
