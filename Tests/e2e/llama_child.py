@@ -9,21 +9,26 @@ import urllib.error
 from pathlib import Path
 
 
-def llama_children(host_pid: int) -> list["Child"]:
-    """The llama-server processes whose parent is `host_pid`."""
+def host_children(host_pid: int) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of every live child of the host, whatever it runs."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            fields = stat[stat.rindex(")") + 2:].split()
+            argv = (entry / "cmdline").read_bytes().decode().rstrip("\0").split("\0")
         except (OSError, ValueError):
             continue
-        if ppid == host_pid and cmdline and cmdline[0].endswith(b"llama-server"):
-            found.append(Child(int(entry.name)))
+        if int(fields[1]) == host_pid and fields[0] != "Z":
+            found.append((int(entry.name), argv))
     return found
+
+
+def llama_children(host_pid: int) -> list["Child"]:
+    """The llama-server processes whose parent is `host_pid`."""
+    return [Child(pid) for pid, argv in host_children(host_pid) if argv[0].endswith("llama-server")]
 
 
 def is_running(pid: int) -> bool:

@@ -22,7 +22,7 @@ import pytest
 
 import test_llama_server
 from conftest import Server, start_thread, wait_for
-from llama_child import is_running, llama_children, wait_gone
+from llama_child import host_children, is_running, llama_children, wait_gone
 from test_llama_server import (CAPITAL, GREEDY, LONG_ANSWER, SMOLLM2, load_smollm2, start_server, stop_and_clean_up,
                                the_child)
 from test_llama_server import llama  # noqa: F401 - the shared SmolLM2 host fixture
@@ -45,23 +45,6 @@ def scratch():
     path = Path(tempfile.mkdtemp(prefix="patchbay-hardening-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def host_children(host_pid: int) -> list[tuple[int, list[str]]]:
-    """(pid, argv) of every live child of the host, whatever it runs."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            argv = (entry / "cmdline").read_bytes().decode().rstrip("\0").split("\0")
-        except (OSError, ValueError):
-            continue
-        if int(fields[1]) == host_pid and fields[0] != "Z":
-            found.append((int(entry.name), argv))
-    return found
 
 
 def kill_child(pid: int):
