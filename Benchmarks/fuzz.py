@@ -1315,19 +1315,8 @@ def main():
         if alive and end_rss > base_rss + tolerance:
             failures.append(f"RSS {harness.mib(end_rss)} is not back near the baseline {harness.mib(base_rss)}")
     finally:
-        status = server.stop()
-        print(f"server stopped with exit status {status}" +
-              (" (killed: it did not exit within 30 s of SIGTERM)" if server.killed else ""))
-        if server.killed:
-            failures.append("the server did not exit within 30 s of SIGTERM")
-        if args.keep:
-            print(f"server log: {server.log_path}")
-
-    if failures:
-        print("FAIL: " + "; ".join(failures))
-        return 1
-    print("PASS")
-    return 0
+        harness.stop_and_report(server, failures, keep=args.keep)
+    return harness.verdict(failures)
 
 
 if __name__ == "__main__":

@@ -472,6 +472,26 @@ def final_checks(port: int, model: str) -> list[tuple[str, bool, str]]:
     return results
 
 
+def stop_and_report(server: "PatchbayServer", failures: list[str], keep: bool):
+    """Stops the server with SIGTERM, says how it exited, and counts a server that had to be killed as a failure."""
+    status = server.stop()
+    print(f"server stopped with exit status {status}" +
+          (" (killed: it did not exit within 30 s of SIGTERM)" if server.killed else ""))
+    if server.killed:
+        failures.append("the server did not exit within 30 s of SIGTERM")
+    if keep:
+        print(f"server log: {server.log_path}")
+
+
+def verdict(failures: list[str]) -> int:
+    """Prints PASS or FAIL with the reasons; the exit status."""
+    if failures:
+        print("FAIL: " + "; ".join(failures))
+        return 1
+    print("PASS")
+    return 0
+
+
 def percentile(values, q):
     if not values:
         return float("nan")

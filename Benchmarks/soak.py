@@ -620,18 +620,8 @@ def main():
             failures.append("the server died")
             print(server.log_tail())
     finally:
-        status = server.stop()
-        print(f"server stopped with exit status {status}" +
-              (" (killed: it did not exit within 30 s of SIGTERM)" if server.killed else ""))
-        if server.killed:
-            failures.append("the server did not exit within 30 s of SIGTERM")
-        if args.keep:
-            print(f"server log: {server.log_path}")
-    if failures:
-        print("FAIL: " + "; ".join(failures))
-        return 1
-    print("PASS")
-    return 0
+        harness.stop_and_report(server, failures, keep=args.keep)
+    return harness.verdict(failures)
 
 
 if __name__ == "__main__":
