@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <cmath>
 
+std::atomic<int> g_deliberate_aborts{0};
+
 namespace {
 
 using clock_type = std::chrono::steady_clock;
@@ -172,7 +174,7 @@ void release(slot &s) {
 
 // The run in `s` ends normally: the text held back for a possible stop string goes out,
 // then usage, timings and the finish.
-void finish_slot(pb_model *model, slot &s) {
+void finish_slot(slot &s) {
     pb_run *run = s.run;
     size_t valid = validate_utf8(s.generated);
     deliver(s, s.generated.substr(std::min(s.n_sent, valid), valid - std::min(s.n_sent, valid)), /*final=*/true);
@@ -183,7 +185,6 @@ void finish_slot(pb_model *model, slot &s) {
     else if (s.stop_kind == 2) reason = PB_FINISH_STOP_SEQUENCE;
     std::string word = reason == PB_FINISH_STOP_SEQUENCE ? s.stop_word : "";
     release(s);
-    (void)model;
     end_with_finish(run, reason, word);
 }
 
@@ -303,6 +304,25 @@ void admit(pb_model *model, pb_run *run) {
     s.last_used = ++model->step;
 }
 
+// llama_decode, and when the shared KV cache is full, again after dropping the caches that
+// idle slots keep for prefix reuse. Returns llama_decode's status.
+int decode(pb_model *model, llama_batch &batch) {
+    int status = llama_decode(model->ctx, batch);
+    if (model->abort_noted.exchange(false)) g_deliberate_aborts--;
+    if (status != 1) return status;
+    bool freed = false;
+    for (slot &s : model->slots) {
+        if (s.run || s.cache.empty()) continue;
+        llama_memory_seq_rm(llama_get_memory(model->ctx), s.id, -1, -1);
+        s.cache.clear();
+        freed = true;
+    }
+    if (!freed) return status;
+    status = llama_decode(model->ctx, batch);
+    if (model->abort_noted.exchange(false)) g_deliberate_aborts--;
+    return status;
+}
+
 // Tokens of the KV cache that a failed or aborted decode left for a sequence.
 void resync_cache(pb_model *model, slot &s) {
     llama_pos last = llama_memory_seq_pos_max(llama_get_memory(model->ctx), s.id);
@@ -324,16 +344,16 @@ void decode_step(pb_model *model, llama_batch &batch) {
         members.push_back(&s);
     }
     if (members.empty()) return;
-    int status = llama_decode(model->ctx, batch);
+    int status = decode(model, batch);
     int64_t computed = now_ns();
     for (size_t k = 0; k < members.size(); k++) {
         slot &s = *members[k];
         s.last_compute_ns = computed;
         if (status != 0) {
             resync_cache(model, s);
-            if (status == 1) {  // no room left in the KV cache for this many sequences
+            if (status == 1) {  // the shared context is full even without idle slots' caches
                 s.stop_kind = 3;
-                finish_slot(model, s);
+                finish_slot(s);
             } else {
                 fail_slot(s, PB_ERR_INTERNAL, "llama_decode failed (" + std::to_string(status) + ").");
             }
@@ -342,7 +362,7 @@ void decode_step(pb_model *model, llama_batch &batch) {
         s.cache.push_back(s.next_token);
         llama_token token = common_sampler_sample(s.sampler, model->ctx, (int)k);
         common_sampler_accept(s.sampler, token, true);
-        if (!take_token(model, s, token)) finish_slot(model, s);
+        if (!take_token(model, s, token)) finish_slot(s);
     }
 }
 
@@ -366,7 +386,7 @@ void prefill_step(pb_model *model, llama_batch &batch) {
         batch.logits[i] = p + 1 == prompt.size();
     }
     model->prefilling.store(run);
-    int status = llama_decode(model->ctx, batch);
+    int status = decode(model, batch);
     model->prefilling.store(nullptr);
     s.last_compute_ns = now_ns();
     if (status != 0) {
@@ -377,7 +397,8 @@ void prefill_step(pb_model *model, llama_batch &batch) {
             abandon_slot(s, PB_FINISH_CANCELLED);
         } else if (status == 1) {
             fail_slot(s, PB_ERR_CONTEXT_LENGTH_EXCEEDED,
-                      "The KV cache has no room for this prompt beside the other runs; try again when they finish.");
+                      "The context (shared by all slots) has no room for this prompt beside the other runs; try "
+                      "again when they finish, or load with a larger max_seq_length.");
         } else {
             fail_slot(s, PB_ERR_INTERNAL, "llama_decode failed (" + std::to_string(status) + ").");
         }
@@ -397,7 +418,7 @@ void prefill_step(pb_model *model, llama_batch &batch) {
     for (llama_token token : prompt) common_sampler_accept(s.sampler, token, false);
     llama_token token = common_sampler_sample(s.sampler, model->ctx, batch.n_tokens - 1);
     common_sampler_accept(s.sampler, token, true);
-    if (!take_token(model, s, token)) finish_slot(model, s);
+    if (!take_token(model, s, token)) finish_slot(s);
 }
 
 // Ends runs that were cancelled or are past their deadline; keeps waiting runs informed.
@@ -485,7 +506,9 @@ void engine_main(pb_model *model) {
 bool abort_requested(void *data) {
     auto *model = static_cast<pb_model *>(data);
     pb_run *run = model->prefilling.load();
-    return model->aborting.load() || (run && run->cancelled.load());
+    bool abort = model->aborting.load() || (run && run->cancelled.load());
+    if (abort && !model->abort_noted.exchange(true)) g_deliberate_aborts++;
+    return abort;
 }
 
 }  // namespace

@@ -121,6 +121,7 @@ struct pb_model {
     std::vector<slot> slots;
     std::atomic<pb_run *> prefilling{nullptr};  // the run whose prompt chunk is computing (abort callback)
     std::atomic<bool> aborting{false};          // unload: abort whatever computes
+    std::atomic<bool> abort_noted{false};       // the abort callback said yes during the current decode
     uint64_t step = 0;
 
     // Embeddings: a second context, made on first use.
@@ -129,6 +130,9 @@ struct pb_model {
 };
 
 // engine.cpp
+// How many decodes are being aborted on purpose right now: llama.cpp logs an abort as a
+// failure, which it is not for us, so those lines stay out of the host's log meanwhile.
+extern std::atomic<int> g_deliberate_aborts;
 void engine_start(pb_model *model);
 void engine_stop(pb_model *model);        // ends every run (cancelled) and joins the thread
 void engine_submit(pb_model *model, pb_run *run);

@@ -34,6 +34,7 @@ void set_error(char *error, size_t size, const std::string &message) {
 // llama.cpp's and ggml's own log lines: warnings and errors reach the host's log.
 void forward_llama_log(ggml_log_level level, const char *text, void *) {
     if (level != GGML_LOG_LEVEL_WARN && level != GGML_LOG_LEVEL_ERROR) return;
+    if (g_deliberate_aborts.load() > 0) return;  // a cancel's abort, which llama.cpp reports as a failure
     std::string line(text);
     while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.pop_back();
     if (!line.empty()) plugin_log(level == GGML_LOG_LEVEL_ERROR ? PB_LOG_ERROR : PB_LOG_WARNING, "%s", line.c_str());
@@ -355,7 +356,7 @@ pb_status lib_count_tokens(pb_model *model, const char *request_json, int64_t *o
 
 // The embedding context: made on first use beside the generation context (the model's
 // weights are shared), with pooling, holding one text of up to this many tokens.
-constexpr int64_t embed_context_cap = 4096;
+constexpr int64_t embed_context_cap = 2048;
 
 pb_status lib_embed(pb_model *model, const char *text, size_t text_len, float *out, size_t out_capacity,
                     size_t *out_dimensions, char *error, size_t error_size) {
