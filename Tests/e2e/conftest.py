@@ -33,6 +33,7 @@ BUILD_DIR = Path(os.environ.get("PATCHBAY_BUILD_DIR", ROOT / ".build" / "debug")
 BINARY = BUILD_DIR / "patchbay"
 REFERENCE_PLUGIN = BUILD_DIR / "libPatchbayReferencePlugin.so"
 LLAMA_PLUGIN = BUILD_DIR / "libPatchbayLlamaServerPlugin.so"
+LIBLLAMA_PLUGIN = BUILD_DIR / "libPatchbayLibLlamaPlugin.so"
 
 # ─── Engines the set-up provides ──────────────────────────────────────────────────────
 
@@ -44,6 +45,9 @@ REQUIRE_ENGINES = os.environ.get("PATCHBAY_REQUIRE_ENGINES") == "1"
 needs_llama = pytest.mark.skipif(
     not (SMOLLM2 and LLAMA_SERVER),
     reason="needs PATCHBAY_SMOLLM2 and PATCHBAY_LLAMA_SERVER (scripts/test sets them)")
+needs_libllama = pytest.mark.skipif(
+    not (SMOLLM2 and LIBLLAMA_PLUGIN.exists()),
+    reason=f"needs PATCHBAY_SMOLLM2 and the in-process plugin {LIBLLAMA_PLUGIN.name} (scripts/test builds it)")
 # A real model on two CPU cores: its tests (and the shared host's set-up) need longer than
 # pytest.ini's default timeout.
 LLAMA_TIMEOUT = pytest.mark.timeout(300)
