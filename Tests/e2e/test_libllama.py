@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (LIBLLAMA_PLUGIN, LLAMA_PLUGIN, LLAMA_TIMEOUT, REFERENCE_PLUGIN, SMOLLM2, Server,
-                      check_load_progress, needs_libllama, needs_llama, recv_until, start_thread, wait_for,
+                      needs_libllama, needs_llama, recv_until, start_thread, wait_for,
                       watch_load)
 from llama_child import llama_children
 from test_llama_server import (ASK_WEATHER, CAPITAL, GREEDY, LONG_ANSWER, TEMPLATES, WEATHER_TOOL, paragraphs,
