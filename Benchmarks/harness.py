@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import sys
 import urllib.parse
 from pathlib import Path
 
@@ -82,6 +83,29 @@ def socket_states(pid: int, port: int) -> dict:
         if len(fields) > 4 and fields[3].endswith(f":{port}") and f"pid={pid}," in line and fields[0] != "LISTEN":
             states[fields[0]] = states.get(fields[0], 0) + 1
     return states
+
+
+# ─── Engines, models and side-by-side rounds ──────────────────────────────────
+
+CACHE = Path(os.environ.get("PATCHBAY_CACHE", Path.home() / ".cache" / "patchbay"))
+
+
+def default_path(env: str, pattern: str) -> str:
+    """$env, else the newest match of `pattern` in the engine cache that scripts/ fills."""
+    if os.environ.get(env):
+        return os.environ[env]
+    found = sorted(CACHE.glob(pattern))
+    if not found:
+        sys.exit(f"{env} is not set and nothing matches {CACHE / pattern}; run scripts/test or scripts/run first")
+    return str(found[-1])
+
+
+def interleaved(sides, rounds):
+    """(round, side) pairs: every round visits each side once, the first one alternating, so
+    that a busy machine slows both sides alike."""
+    for r in range(rounds):
+        for side in (sides if r % 2 == 0 else list(reversed(sides))):
+            yield r, side
 
 
 def free_port() -> int:

@@ -71,21 +71,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "e2e"))
 from llama_child import llama_children  # noqa: E402
 
-CACHE = Path(os.environ.get("PATCHBAY_CACHE", Path.home() / ".cache" / "patchbay"))
+from harness import default_path, interleaved, percentile as pct  # noqa: E402 - beside this script
+
 PLUGINS = {"libllama": "libPatchbayLibLlamaPlugin.so", "llama-server": "libPatchbayLlamaServerPlugin.so",
            "reference": "libPatchbayReferencePlugin.so"}
 PREFILL_ITEMS = 480  # about 3,000 prompt tokens with SmolLM2's tokenizer
 POLL = 0.005         # how often llama-server's /slots is read while waiting for it to go idle
 CANCEL_LINE = re.compile(rb"run cancelled: engine stopped ([0-9.]+) ms after the cancel call \(([^,)]*)")
 
-
-def default_path(env: str, pattern: str) -> str:
-    if os.environ.get(env):
-        return os.environ[env]
-    found = sorted(CACHE.glob(pattern))
-    if not found:
-        sys.exit(f"{env} is not set and nothing matches {CACHE / pattern}; run scripts/test or scripts/run first")
-    return str(found[-1])
 
 
 def choose_build_dir(given: str | None) -> tuple[Path, str]:
@@ -128,16 +121,6 @@ def describe_memory(values: dict) -> str:
     return f"{mib(values['VmRSS'])} (anon {values['RssAnon'] / 1024:.1f}, file {values['RssFile'] / 1024:.1f})"
 
 
-def pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
-def interleaved(sides, rounds):
-    """(round, side) pairs: every round visits each side once, the first one alternating."""
-    for r in range(rounds):
-        for side in (sides if r % 2 == 0 else list(reversed(sides))):
-            yield r, side
 
 
 def prompt(i: int, words: int = 0) -> list:

@@ -49,10 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "e2e"))
 from llama_child import Child, UnixHTTPConnection, llama_children  # noqa: E402
 
-from host_bench import build_dir  # noqa: E402 - beside this script
+from harness import default_path, interleaved, percentile as pct  # noqa: E402 - beside this script
+from host_bench import build_dir  # noqa: E402
 
 PREFILL_ITEMS = 480  # about 3,000 prompt tokens with SmolLM2's tokenizer
-CACHE = Path(os.environ.get("PATCHBAY_CACHE", Path.home() / ".cache" / "patchbay"))
 POLL = 0.005  # how often the engine's /slots is read, on either side
 # What the llama-server plugin adds to every request it sends its child (request.c), at
 # Patchbay's default --max-generation-seconds. A direct request carries the same.
@@ -60,14 +60,6 @@ PLUGIN_EXTRAS = {"stream_options": {"include_usage": True}, "return_progress": T
                  "response_fields": ["stop_type", "stopping_word", "truncated", "tokens_predicted"],
                  "t_max_predict_ms": 600000}
 
-
-def default_path(env: str, pattern: str) -> str:
-    if os.environ.get(env):
-        return os.environ[env]
-    found = sorted(CACHE.glob(pattern))
-    if not found:
-        sys.exit(f"{env} is not set and nothing matches {CACHE / pattern}; run scripts/test or scripts/run first")
-    return str(found[-1])
 
 
 LLAMA_SERVER = default_path("PATCHBAY_LLAMA_SERVER", "llama.cpp/src-*/build/bin/llama-server")
@@ -180,16 +172,6 @@ def prompt(i: int, words: int = 0) -> list:
     return [{"role": "user", "content": text}]
 
 
-def pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
-def interleaved(targets, rounds):
-    """(round, target) pairs: every round visits each target once, the first one alternating."""
-    for r in range(rounds):
-        for target in (targets if r % 2 == 0 else list(reversed(targets))):
-            yield r, target
 
 
 def decode_ratio(patchbay, direct, rounds, tokens):
