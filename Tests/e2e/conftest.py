@@ -346,6 +346,23 @@ def check_log_is_clean(log: str):
             raise AssertionError(f"the server's log has a crash report:\n{context}")
 
 
+def start_server(plugins, prefix: str = "patchbay-e2e-", **kwargs) -> Server:
+    """A server in a work directory of its own, for tests that start and stop it themselves;
+    end it with stop_and_clean_up."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    server = Server(workdir, plugins=plugins, **kwargs)
+    server.cleanup = lambda: shutil.rmtree(workdir, ignore_errors=True)
+    return server
+
+
+def stop_and_clean_up(server: Server):
+    """Stops the host, checking its exit (Server.stop), then removes its work directory."""
+    try:
+        server.stop()
+    finally:
+        server.cleanup()
+
+
 @pytest.fixture
 def workdir():
     path = Path(tempfile.mkdtemp(prefix="patchbay-e2e-"))

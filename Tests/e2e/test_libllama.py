@@ -12,19 +12,18 @@ import json
 import math
 import os
 import re
-import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import termios
 import time
 from pathlib import Path
 
 import pytest
 
+import conftest
 from conftest import (LIBLLAMA_PLUGIN, LLAMA_PLUGIN, LLAMA_TIMEOUT, REFERENCE_PLUGIN, SMOLLM2, Server,
-                      needs_libllama, needs_llama, recv_until, start_thread, wait_for,
+                      needs_libllama, needs_llama, recv_until, start_thread, stop_and_clean_up, wait_for,
                       watch_load)
 from llama_child import llama_children
 from test_llama_server import (ASK_WEATHER, CAPITAL, GREEDY, LONG_ANSWER, TEMPLATES, WEATHER_TOOL, paragraphs,
@@ -49,18 +48,7 @@ NEIGHBOUR = [{"role": "user", "content": "Write a long story about a lighthouse 
 
 
 def start_server(plugins=ALL_PLUGINS, extra_args=()) -> Server:
-    workdir = Path(tempfile.mkdtemp(prefix="patchbay-libllama-"))
-    server = Server(workdir, plugins=plugins, extra_args=extra_args)
-    server.cleanup = lambda: shutil.rmtree(workdir, ignore_errors=True)
-    return server
-
-
-def stop_and_clean_up(server: Server):
-    """Stops the host, checking its exit (Server.stop), then removes its work directory."""
-    try:
-        server.stop()
-    finally:
-        server.cleanup()
+    return conftest.start_server(plugins, prefix="patchbay-libllama-", extra_args=extra_args)
 
 
 def load(server: Server, alias: str, backend: str = "libllama", **fields) -> dict:

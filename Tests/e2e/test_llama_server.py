@@ -3,9 +3,7 @@ the real SmolLM2-135M-Instruct, the real `patchbay` binary, the official openai 
 Cancels are verified at llama-server itself (/slots, /metrics), not through Patchbay."""
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
 import urllib.error
 import uuid
@@ -14,8 +12,9 @@ from pathlib import Path
 import openai
 import pytest
 
+import conftest
 from conftest import (LLAMA_PLUGIN, LLAMA_TIMEOUT, REFERENCE_PLUGIN, SMOLLM2, Server, check_load_progress, needs_llama,
-                      start_thread, wait_for, watch_load)
+                      start_thread, stop_and_clean_up, wait_for, watch_load)
 from llama_child import llama_children, wait_gone
 
 TEMPLATES = Path(os.environ.get("PATCHBAY_LLAMA_TEMPLATES", "/nonexistent"))
@@ -30,18 +29,7 @@ LONG_ANSWER = [{"role": "user", "content": "Write a very long story about a drag
 
 
 def start_server(**kwargs) -> Server:
-    workdir = Path(tempfile.mkdtemp(prefix="patchbay-llama-"))
-    server = Server(workdir, plugins=(REFERENCE_PLUGIN, LLAMA_PLUGIN), **kwargs)
-    server.cleanup = lambda: shutil.rmtree(workdir, ignore_errors=True)
-    return server
-
-
-def stop_and_clean_up(server: Server):
-    """Stops the host, checking its exit (Server.stop), then removes its work directory."""
-    try:
-        server.stop()
-    finally:
-        server.cleanup()
+    return conftest.start_server((REFERENCE_PLUGIN, LLAMA_PLUGIN), prefix="patchbay-llama-", **kwargs)
 
 
 def load_smollm2(server: Server, **fields) -> dict:
