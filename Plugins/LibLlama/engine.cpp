@@ -103,10 +103,10 @@ void log_cancel(pb_run *run, const slot *s, int64_t last_compute_ns, const char 
     int64_t cancel_ns = run->cancel_ns.load();
     double latency = cancel_ns > 0 ? std::max<int64_t>(0, last_compute_ns - cancel_ns) / 1e6 : 0;
     if (s && s->state == slot::prefill)
-        plugin_log(PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %zu/%zu prompt tokens)",
+        plugin_log(g_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %zu/%zu prompt tokens)",
                    latency, phase, s->n_prompt_done, run->request.prompt.size());
     else
-        plugin_log(PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %d tokens generated)",
+        plugin_log(g_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %d tokens generated)",
                    latency, phase, s ? s->n_generated : 0);
 }
 
@@ -144,7 +144,7 @@ void deliver(slot &s, const std::string &text, bool final) {
     } catch (const std::exception &e) {
         // A partial message the parser cannot read yet; it is parsed again with more text.
         if (!final) return;
-        plugin_log(PB_LOG_WARNING, "the chat parser could not read the answer (%s); sent as plain text", e.what());
+        plugin_log(g_host, PB_LOG_WARNING, "the chat parser could not read the answer (%s); sent as plain text", e.what());
         emit_text(run, PB_EVENT_CONTENT_DELTA, s.chat_state->generated_text);
         return;
     }

@@ -6,6 +6,9 @@
 #pragma once
 
 #include "patchbay.h"
+extern "C" {
+#include "plugin_util.h"  // plugin_log, plugin_set_error: shared with the C plugins
+}
 
 #include "chat.h"
 #include "llama.h"
@@ -25,8 +28,8 @@
 
 using steady_time = std::chrono::steady_clock::time_point;
 
-// Writes a line to the host's log (printf-style).
-void plugin_log(pb_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+// The host's table, from pb_plugin_entry: for plugin_log(g_host, ...).
+extern const pb_host_api *g_host;
 // The host's ABI minor: which 1.1 events and codes it understands.
 int host_abi_minor();
 

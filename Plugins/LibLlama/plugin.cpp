@@ -16,19 +16,18 @@
 #include <malloc.h>
 
 #include <cmath>
-#include <cstdarg>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 
+const pb_host_api *g_host = nullptr;
+
 namespace {
 
-const pb_host_api *g_host = nullptr;
 constexpr int64_t default_context_cap = 8192;  // as the llama-server backend (launch.h)
 
 void set_error(char *error, size_t size, const std::string &message) {
-    if (!error || size == 0) return;
-    snprintf(error, size, "%s", message.c_str());
+    plugin_set_error(error, size, "%s", message.c_str());
 }
 
 // llama.cpp's and ggml's own log lines: warnings and errors reach the host's log.
@@ -37,7 +36,7 @@ void forward_llama_log(ggml_log_level level, const char *text, void *) {
     if (g_deliberate_aborts.load() > 0) return;  // a cancel's abort, which llama.cpp reports as a failure
     std::string line(text);
     while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.pop_back();
-    if (!line.empty()) plugin_log(level == GGML_LOG_LEVEL_ERROR ? PB_LOG_ERROR : PB_LOG_WARNING, "%s", line.c_str());
+    if (!line.empty()) plugin_log(g_host, level == GGML_LOG_LEVEL_ERROR ? PB_LOG_ERROR : PB_LOG_WARNING, "%s", line.c_str());
 }
 
 // ─── Load ────────────────────────────────────────────────────────────────────────────
@@ -261,7 +260,7 @@ pb_status lib_load(const char *request_json, const pb_load_callbacks *callbacks,
         return PB_ERR_CANCELLED;
     }
     engine_start(model);
-    plugin_log(PB_LOG_INFO, "loaded %s: %s, context %lld, %d slots, batch %d/%d, %d threads", settings.model_path.c_str(),
+    plugin_log(g_host, PB_LOG_INFO, "loaded %s: %s, context %lld, %d slots, batch %d/%d, %d threads", settings.model_path.c_str(),
                model->architecture.c_str(), (long long)model->context_length, settings.parallel, settings.batch,
                settings.ubatch, params.cpuparams.n_threads);
     *out_model = model;
@@ -289,7 +288,7 @@ void lib_unload(pb_model *model) {
     engine_stop(model);
     std::string path = model->settings.model_path;
     free_model(model);
-    plugin_log(PB_LOG_INFO, "unloaded %s", path.c_str());
+    plugin_log(g_host, PB_LOG_INFO, "unloaded %s", path.c_str());
 }
 
 // ─── Runs ────────────────────────────────────────────────────────────────────────────
@@ -458,16 +457,6 @@ const pb_plugin_api libllama_api = {
 };
 
 }  // namespace
-
-void plugin_log(pb_log_level level, const char *fmt, ...) {
-    if (!g_host || !g_host->log) return;
-    char line[2048];
-    va_list args;
-    va_start(args, fmt);
-    vsnprintf(line, sizeof line, fmt, args);
-    va_end(args);
-    g_host->log(g_host->context, level, line);
-}
 
 int host_abi_minor() { return g_host ? g_host->abi_minor : 0; }
 
