@@ -304,12 +304,12 @@ void admit(pb_model *model, pb_run *run) {
     s.last_used = ++model->step;
 }
 
-// llama_decode, and when the shared KV cache is full, again after dropping the caches that
-// idle slots keep for prefix reuse. Returns llama_decode's status.
+// llama_decode, and when the shared KV cache (kv_unified) is full, again after dropping the
+// caches that idle slots keep for prefix reuse. Returns llama_decode's status.
 int decode(pb_model *model, llama_batch &batch) {
     int status = llama_decode(model->ctx, batch);
     if (model->abort_noted.exchange(false)) g_deliberate_aborts--;
-    if (status != 1) return status;
+    if (status != 1 || !model->settings.kv_unified) return status;
     bool freed = false;
     for (slot &s : model->slots) {
         if (s.run || s.cache.empty()) continue;
@@ -351,7 +351,7 @@ void decode_step(pb_model *model, llama_batch &batch) {
         s.last_compute_ns = computed;
         if (status != 0) {
             resync_cache(model, s);
-            if (status == 1) {  // the shared context is full even without idle slots' caches
+            if (status == 1) {  // the context is full (a shared one, even without idle slots' caches)
                 s.stop_kind = 3;
                 finish_slot(s);
             } else {
@@ -397,8 +397,10 @@ void prefill_step(pb_model *model, llama_batch &batch) {
             abandon_slot(s, PB_FINISH_CANCELLED);
         } else if (status == 1) {
             fail_slot(s, PB_ERR_CONTEXT_LENGTH_EXCEEDED,
-                      "The context (shared by all slots) has no room for this prompt beside the other runs; try "
-                      "again when they finish, or load with a larger max_seq_length.");
+                      model->settings.kv_unified
+                          ? "The context (shared by all slots) has no room for this prompt beside the other runs; "
+                            "try again when they finish, or load with a larger max_seq_length."
+                          : "The slot's context has no room for this prompt; load with a larger max_seq_length.");
         } else {
             fail_slot(s, PB_ERR_INTERNAL, "llama_decode failed (" + std::to_string(status) + ").");
         }

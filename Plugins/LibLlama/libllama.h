@@ -38,6 +38,7 @@ struct load_settings {
     std::string model_path;
     std::string chat_template_override;
     int64_t context_size = 0;
+    bool kv_unified = false;  // one KV cache shared by the slots, instead of one per slot
     int parallel = 4;       // slots
     int batch = 128;        // logical batch: the largest prompt chunk one step decodes
     int ubatch = 128;       // physical batch

@@ -6,7 +6,14 @@
 //   n_parallel (slots, 4), n_batch (the largest prompt chunk one step decodes, 128),
 //   n_ubatch (128), n_threads (0: llama.cpp's default), n_gpu_layers (GPU builds; -1:
 //   as many as fit), cache_type_kv (f16, q8_0, …), chat_template_override (Jinja text),
-//   pooling (for embeddings: mean, cls, last; "mean").
+//   pooling (for embeddings: mean, cls, last; "mean"), kv_unified (false).
+//
+// KV cache: by default every slot has a cache of its own, max_seq_length tokens long
+// (memory: slots x context). A slot's numbers then never depend on what its neighbours
+// hold, so a request's greedy answer is the same alone or in a full batch. kv_unified:
+// true shares one max_seq_length cache among the slots, as llama-server --kv-unified: less
+// memory, but a neighbour's cells change the attention's rounding, which can flip a
+// near-tie token.
 // Refused: llama_extra_args (there is no command line) and mmproj_path (text only).
 #include "libllama.h"
 
@@ -126,6 +133,13 @@ pb_status read_settings(const json &request, load_settings &settings, std::strin
             return PB_ERR_INVALID_REQUEST;
         }
     }
+    if (request.contains("kv_unified") && !request.at("kv_unified").is_null()) {
+        if (!request.at("kv_unified").is_boolean()) {
+            error = "'kv_unified' must be true or false.";
+            return PB_ERR_INVALID_REQUEST;
+        }
+        settings.kv_unified = request.at("kv_unified").get<bool>();
+    }
     if (request.contains("chat_template_override") && request.at("chat_template_override").is_string())
         settings.chat_template_override = request.at("chat_template_override").get<std::string>();
     if (request.contains("pooling") && request.at("pooling").is_string()) {
@@ -215,9 +229,11 @@ pb_status lib_load(const char *request_json, const pb_load_callbacks *callbacks,
     // The parameters llama-server would run with for the same load fields (launch.c).
     common_params &params = model->params_base;
     params.model.path = settings.model_path;
-    params.n_ctx = (int32_t)model->context_length;
+    // max_seq_length is what one request may use: the whole cache when the slots share
+    // it, each slot's own cache otherwise.
+    params.n_ctx = (int32_t)std::min<int64_t>(INT32_MAX, model->context_length * (settings.kv_unified ? 1 : settings.parallel));
     params.n_parallel = settings.parallel;
-    params.kv_unified = true;  // every slot may use the whole context, as the llama-server backend's
+    params.kv_unified = settings.kv_unified;
     params.n_batch = settings.batch;
     params.n_ubatch = settings.ubatch;
     params.cache_type_k = params.cache_type_v = settings.cache_type;
@@ -247,7 +263,7 @@ pb_status lib_load(const char *request_json, const pb_load_callbacks *callbacks,
     char architecture[128] = "";
     llama_model_meta_val_str(model->model, "general.architecture", architecture, sizeof architecture);
     model->architecture = architecture;
-    model->context_length = llama_n_ctx(model->ctx);  // what llama.cpp made (it may round up)
+    model->context_length = llama_n_ctx_seq(model->ctx);  // what llama.cpp made (it may round up)
     if ((status = prepare_chat(model, message)) != PB_OK) {
         set_error(error, error_size, message);
         free_model(model);
@@ -260,9 +276,10 @@ pb_status lib_load(const char *request_json, const pb_load_callbacks *callbacks,
         return PB_ERR_CANCELLED;
     }
     engine_start(model);
-    plugin_log(g_host, PB_LOG_INFO, "loaded %s: %s, context %lld, %d slots, batch %d/%d, %d threads", settings.model_path.c_str(),
-               model->architecture.c_str(), (long long)model->context_length, settings.parallel, settings.batch,
-               settings.ubatch, params.cpuparams.n_threads);
+    plugin_log(g_host, PB_LOG_INFO, "loaded %s: %s, context %lld, %d slots (%s KV cache), batch %d/%d, %d threads",
+               settings.model_path.c_str(), model->architecture.c_str(), (long long)model->context_length,
+               settings.parallel, settings.kv_unified ? "one shared" : "a per-slot", settings.batch, settings.ubatch,
+               params.cpuparams.n_threads);
     *out_model = model;
     return PB_OK;
 }

@@ -534,17 +534,10 @@ def test_cached_idle_conversations_do_not_crowd_out_a_prompt_that_fits(host, cli
 
 # ─── Cancels, measured by the engine ────────────────────────────────────────
 
-# Greedy text under a unified KV cache depends on what the other sequences hold (llama.cpp's
-# attention rounds differently as the number of cells changes), so a near-tie token can flip
-# when a neighbour decodes beside it. llama-server started with --kv-unified (as the
-# llama-server backend starts it) diverges the same way with or without a cancel, and matches
-# with --no-kv-unified. Kept, not weakened, until the engine decides between per-slot KV
-# (context x slots memory) and this; see the issue-10 note.
-UNIFIED_KV_NUMERICS = pytest.mark.xfail(
-    reason="unified KV cache: a neighbour's cells change greedy rounding (llama-server too)", strict=False)
+# A slot has a KV cache of its own (kv_unified defaults to false), so what a neighbour holds or
+# computes cannot change a greedy answer's rounding: it is exact, token for token.
 
 
-@UNIFIED_KV_NUMERICS
 def test_cancel_mid_decode_leaves_the_neighbour_untouched(host, client):
     """Two streams decoding together; one is cancelled. The engine stops it within the decode
     step then computing, and the other finishes with its greedy answer alone, token for token."""
@@ -602,7 +595,6 @@ def test_cancel_during_prefill_stops_the_engine_within_50_ms(host, client):
     assert host.wait_idle() == 0
 
 
-@UNIFIED_KV_NUMERICS
 def test_a_prefill_cancel_beside_a_stream_leaves_its_answer_as_it_was_alone(host, client):
     """A stream decodes while a ~3,000-token prompt starts beside it and is cancelled within its
     first chunks: the stream finishes with its greedy answer alone, token for token."""
