@@ -20,6 +20,8 @@ public struct ChatMessage: Decodable, Sendable {
         case text(String)
         /// An image as a URL (a `data:` URI or http(s)).
         case imageURL(String)
+        /// Audio as base64 (`input_audio`), with its format (`wav`, `mp3`).
+        case inputAudio(data: String, format: String)
     }
 
     public var role: Role
@@ -72,6 +74,10 @@ public struct ChatMessage: Decodable, Sendable {
                 case "image_url":
                     let image = try part.nestedContainer(keyedBy: PartKeys.self, forKey: .imageURL)
                     parts.append(.imageURL(try image.decode(String.self, forKey: .url)))
+                case "input_audio":
+                    let audio = try part.nestedContainer(keyedBy: PartKeys.self, forKey: .inputAudio)
+                    parts.append(.inputAudio(data: try audio.decode(String.self, forKey: .data),
+                                             format: try audio.decodeIfPresent(String.self, forKey: .format) ?? "wav"))
                 default:
                     throw DecodingError.dataCorruptedError(
                         forKey: .type, in: part, debugDescription: "unsupported content part type '\(type)'")
@@ -86,8 +92,9 @@ public struct ChatMessage: Decodable, Sendable {
     }
 
     private enum PartKeys: String, CodingKey {
-        case type, text, url
+        case type, text, url, data, format
         case imageURL = "image_url"
+        case inputAudio = "input_audio"
     }
 
     /// The per-role shape rules of the OpenAI spec, enforced at the boundary so a
@@ -124,6 +131,12 @@ public struct ChatMessage: Decodable, Sendable {
         }
     }
 
+    /// The message's audio parts, in order.
+    public var audioParts: [(data: String, format: String)] {
+        guard case .parts(let parts)? = content else { return [] }
+        return parts.compactMap { if case .inputAudio(let data, let format) = $0 { (data, format) } else { nil } }
+    }
+
     /// Whether the message carries an image part.
     public var hasImage: Bool {
         guard case .parts(let parts)? = content else { return false }
@@ -140,6 +153,9 @@ public struct ChatMessage: Decodable, Sendable {
                 case .text(let text): .object([("type", .string("text")), ("text", .string(text))])
                 case .imageURL(let url):
                     .object([("type", .string("image_url")), ("image_url", .object([("url", .string(url))]))])
+                case .inputAudio(let data, let format):
+                    .object([("type", .string("input_audio")),
+                             ("input_audio", .object([("data", .string(data)), ("format", .string(format))]))])
                 }
             })))
         case nil: members.append(("content", .null))

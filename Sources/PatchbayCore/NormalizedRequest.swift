@@ -55,6 +55,11 @@ public struct NormalizedRequest: Sendable {
         return .object(members)
     }
 
+    /// Whether any message carries an `input_audio` part.
+    public var hasAudio: Bool {
+        messages.contains { message in message["content"]?.arrayValue?.contains { $0["type"]?.stringValue == "input_audio" } ?? false }
+    }
+
     /// Whether any message carries an image part.
     public var hasImage: Bool {
         messages.contains { message in

@@ -22,6 +22,7 @@ public func buildApplication(state: ServerState) -> some ApplicationProtocol {
     CompletionsRoutes(state: state).register(on: router)
     ResponsesRoutes(state: state).register(on: router)
     EmbeddingsRoutes(state: state).register(on: router)
+    AudioRoutes(state: state).register(on: router)
     ModelsRoutes(state: state).register(on: router)
     InferenceRoutes(state: state).register(on: router)
     PluginsRoutes(state: state).register(on: router)

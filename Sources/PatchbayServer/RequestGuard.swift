@@ -10,6 +10,9 @@ import PatchbayCore
 ///   allowed that origin (`--cors-origins`), which also answers CORS preflights.
 /// - A POST must say its body is JSON. A page can send `text/plain`, form or
 ///   multipart bodies cross-site without a preflight; a JSON content type it cannot.
+///   The one exception is OpenAI's audio upload, multipart by definition: there the
+///   `Origin` check above is what stops a page (browsers send `Origin` on every
+///   cross-origin POST, forms included).
 struct RequestGuard<Context: RequestContext>: RouterMiddleware {
     let policy: OriginPolicy
 
@@ -38,7 +41,8 @@ struct RequestGuard<Context: RequestContext>: RouterMiddleware {
             policy.addPreflightHeaders(to: &response.headers, origin: allowedOrigin, requestedHeaders: request.headers[.accessControlRequestHeaders])
             return response
         }
-        if request.method == .post, !Self.isJSON(request.headers[.contentType]) {
+        if request.method == .post, !Self.isJSON(request.headers[.contentType]),
+           !(request.uri.path == AudioRoutes.transcriptionsPath && Self.isMultipartForm(request.headers[.contentType])) {
             let given = request.headers[.contentType].map { "'\($0)'" } ?? "none"
             return dialect.response(for: APIError(
                 status: 415, message: "Content-Type must be application/json (got \(given)).", code: "unsupported_media_type"))
@@ -46,6 +50,10 @@ struct RequestGuard<Context: RequestContext>: RouterMiddleware {
         var response = try await next(request, context)
         if let allowedOrigin { policy.addHeaders(to: &response.headers, origin: allowedOrigin) }
         return response
+    }
+
+    static func isMultipartForm(_ contentType: String?) -> Bool {
+        contentType?.lowercased().hasPrefix("multipart/form-data") ?? false
     }
 
     /// `application/json`, with parameters (`; charset=utf-8`), or a `+json` type.

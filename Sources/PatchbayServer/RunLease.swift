@@ -16,6 +16,8 @@ import PatchbayHost
 final class RunLease: Sendable {
     let run: Run
     let keepAliveInterval: Duration
+    /// How the response shows each event (a transcript as chat text); identity by default.
+    private let present: @Sendable (GenerationEvent) -> GenerationEvent
     private let connection: ClientConnection?
     private let connectionHook: UInt64?
     private let writes: WriteClock
@@ -23,8 +25,10 @@ final class RunLease: Sendable {
     private let heartbeat: Task<Void, Never>
 
     init(run: Run, keys: [CancelRegistry.Key], registry: CancelRegistry, maxDuration: Duration, keepAliveInterval: Duration,
-         writeTimeout: @escaping @Sendable () -> Duration, connection: ClientConnection?) {
+         writeTimeout: @escaping @Sendable () -> Duration, connection: ClientConnection?,
+         presenting present: @escaping @Sendable (GenerationEvent) -> GenerationEvent = { $0 }) {
         self.run = run
+        self.present = present
         self.keepAliveInterval = keepAliveInterval
         self.connection = connection
         let writes = WriteClock()
@@ -91,7 +95,7 @@ final class RunLease: Sendable {
         let deadline = ContinuousClock.now + keepAliveInterval
         var pending: [GenerationEvent] = []
         while true {
-            pending += await run.nextEvents()
+            pending += await run.nextEvents().map(present)
             if let first = pending.first(where: { !$0.isProgress }) {
                 if case .error(let error) = first {
                     end()
@@ -117,7 +121,7 @@ final class RunLease: Sendable {
                     batch = taken
                     pending = nil
                 } else {
-                    batch = await run.nextEvents()
+                    batch = await run.nextEvents().map(present)
                 }
                 if let terminal = batch.firstIndex(where: \.isTerminal) {
                     batch.removeSubrange((terminal + 1)...)
@@ -173,14 +177,15 @@ extension ServerState {
     /// Creates, registers and starts a run; the returned lease is already in the cancel registry.
     /// During shutdown, new generations are refused with 503.
     func startRun(on model: LoadedModel, request: NormalizedRequest, keys: [CancelRegistry.Key],
-                  connection: ClientConnection?) throws(APIError) -> RunLease {
+                  connection: ClientConnection?,
+                  presenting present: @escaping @Sendable (GenerationEvent) -> GenerationEvent = { $0 }) throws(APIError) -> RunLease {
         if isStopping {
             throw APIError(status: 503, message: "The server is shutting down.", code: "server_shutting_down", retryAfterSeconds: 5)
         }
         let run = try model.createRun(request)
         return RunLease(run: run, keys: keys, registry: cancels, maxDuration: configuration.maxGenerationDuration + .seconds(1),
                         keepAliveInterval: configuration.keepAliveInterval, writeTimeout: { [self] in currentWriteTimeout },
-                        connection: connection)
+                        connection: connection, presenting: present)
     }
 
     /// `max_tokens` when the client sets none: the model's context length, never a small number.

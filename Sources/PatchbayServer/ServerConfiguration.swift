@@ -21,6 +21,8 @@ public struct ServerConfiguration: Sendable {
     public var writeTimeout: Duration = .seconds(30)
     /// Request bodies larger than this are refused with 413.
     public var maxBodyBytes = 100 * 1024 * 1024
+    /// An audio file for transcription larger than this is refused with 413 (OpenAI's limit).
+    public var maxAudioBytes = 25 * 1024 * 1024
     /// The wall-clock cap on one generation, the second line of defence after `max_tokens`.
     public var maxGenerationDuration: Duration = .seconds(600)
     /// On SIGTERM/SIGINT, in-flight generations get this long to finish before they are cancelled.

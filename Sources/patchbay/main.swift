@@ -39,6 +39,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "A response write the client does not take within this many seconds cuts its connection and stops its generation.")
     var writeTimeoutSeconds = 30.0
     @Option(help: "Largest accepted request body, in MiB.") var maxBodyMb = 100
+    @Option(help: "Largest audio file /v1/audio/transcriptions accepts, in MiB.") var maxAudioMb = 25
     @Option(help: "Wall-clock cap on one generation, in seconds.") var maxGenerationSeconds = 600
     @Option(help: "On SIGTERM/SIGINT, how long in-flight generations may finish before they are cancelled, in seconds.")
     var shutdownGraceSeconds = 10
@@ -53,6 +54,7 @@ struct Serve: AsyncParsableCommand {
     func validate() throws {
         guard (1...65535).contains(port) else { throw ValidationError("--port must be in 1...65535") }
         guard maxBodyMb > 0 else { throw ValidationError("--max-body-mb must be positive") }
+        guard maxAudioMb > 0 else { throw ValidationError("--max-audio-mb must be positive") }
         guard maxGenerationSeconds > 0 else { throw ValidationError("--max-generation-seconds must be positive") }
         guard shutdownGraceSeconds >= 0 else { throw ValidationError("--shutdown-grace-seconds must not be negative") }
         guard writeTimeoutSeconds >= 1 && writeTimeoutSeconds <= 3600 else { throw ValidationError("--write-timeout-seconds must be in 1...3600") }
@@ -74,6 +76,7 @@ struct Serve: AsyncParsableCommand {
         configuration.corsOrigins = Self.list(corsOrigins.isEmpty ? [environment["PATCHBAY_CORS_ORIGINS"] ?? ""] : corsOrigins)
         configuration.writeTimeout = .milliseconds(Int(writeTimeoutSeconds * 1000))
         configuration.maxBodyBytes = maxBodyMb * 1024 * 1024
+        configuration.maxAudioBytes = maxAudioMb * 1024 * 1024
         configuration.maxGenerationDuration = .seconds(maxGenerationSeconds)
         configuration.shutdownGracePeriod = .seconds(shutdownGraceSeconds)
         configuration.backendPreference = Self.list(preferBackend)
