@@ -34,6 +34,7 @@ BINARY = BUILD_DIR / "patchbay"
 REFERENCE_PLUGIN = BUILD_DIR / "libPatchbayReferencePlugin.so"
 LLAMA_PLUGIN = BUILD_DIR / "libPatchbayLlamaServerPlugin.so"
 LIBLLAMA_PLUGIN = BUILD_DIR / "libPatchbayLibLlamaPlugin.so"
+WHISPER_PLUGIN = BUILD_DIR / "libPatchbayWhisperPlugin.so"
 
 # ─── Engines the set-up provides ──────────────────────────────────────────────────────
 
@@ -48,6 +49,10 @@ needs_llama = pytest.mark.skipif(
 needs_libllama = pytest.mark.skipif(
     not (SMOLLM2 and LIBLLAMA_PLUGIN.exists()),
     reason=f"needs PATCHBAY_SMOLLM2 and the in-process plugin {LIBLLAMA_PLUGIN.name} (scripts/test builds it)")
+WHISPER_MODEL = os.environ.get("PATCHBAY_WHISPER_MODEL", "")
+needs_whisper = pytest.mark.skipif(
+    not (WHISPER_MODEL and WHISPER_PLUGIN.exists() and shutil.which("espeak-ng")),
+    reason=f"needs PATCHBAY_WHISPER_MODEL, the plugin {WHISPER_PLUGIN.name} and espeak-ng (scripts/test provides them)")
 # A real model on two CPU cores: its tests (and the shared host's set-up) need longer than
 # pytest.ini's default timeout.
 LLAMA_TIMEOUT = pytest.mark.timeout(300)

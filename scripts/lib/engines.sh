@@ -210,3 +210,16 @@ PY
 ensure_espeak() {
     command -v espeak-ng >/dev/null || apt_install espeak-ng
 }
+
+# Builds the whisper plugin (Plugins/Whisper: C++ linked against the static whisper.cpp
+# build above) into $1, beside the other plugins. After ensure_whisper_cpp.
+build_whisper_plugin() {
+    local out_dir="$1"
+    local build=".build/whisper-plugin-$(basename "$out_dir")"
+    echo "==> building the whisper plugin"
+    cmake -S Plugins/Whisper -B "$build" -DCMAKE_BUILD_TYPE=Release \
+        -DWHISPER_CPP_SOURCE="$WHISPER_CPP_SOURCE" -DWHISPER_CPP_BUILD="$WHISPER_CPP_BUILD" \
+        -DPATCHBAY_PLUGIN_OUTPUT_DIR="$(cd "$out_dir" && pwd)" >"$build.log" 2>&1 \
+        || { tail -30 "$build.log"; return 1; }
+    cmake --build "$build" -j"$(nproc)" >>"$build.log" 2>&1 || { tail -40 "$build.log"; return 1; }
+}
