@@ -525,7 +525,7 @@ def main():
 
         offset = host.log_size()
         host.load("lib", backend="libllama", n_parallel=4, **common)
-        loaded_line = re.search(rb"loaded .*? slots, batch .*? threads", host.log_since(offset))
+        loaded_line = re.search(rb"loaded .*? slots .*? threads", host.log_since(offset))
         host_before_srv = host.memory()
         host.load("srv", backend="llama-server", n_parallel=4, **common)
         [child] = llama_children(host.pid)
