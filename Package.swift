@@ -49,7 +49,9 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "MultipartKit", package: "multipart-kit"),
             ],
-            path: "Sources/PatchbayServer"
+            path: "Sources/PatchbayServer",
+            // The web chat page (WebRoutes.swift): plain HTML, CSS and JavaScript, served as is.
+            resources: [.copy("Web")]
         ),
         .executableTarget(
             name: "patchbay",

@@ -26,6 +26,7 @@ public func buildApplication(state: ServerState) -> some ApplicationProtocol {
     ModelsRoutes(state: state).register(on: router)
     InferenceRoutes(state: state).register(on: router)
     PluginsRoutes(state: state).register(on: router)
+    WebRoutes(state: state).register(on: router)
     return Application(
         router: router,
         // A connection with no request in flight for two minutes is closed (a client that

@@ -3,7 +3,8 @@ import Hummingbird
 import PatchbayCore
 
 /// Checks API keys, sent as `Authorization: Bearer <key>` (OpenAI SDK) or `x-api-key: <key>`
-/// (Anthropic SDK). `/health` stays open for probes.
+/// (Anthropic SDK). `/health` stays open for probes, and so do the web page's files (`/`,
+/// `/ui/...`: GETs of static files, no data).
 ///
 /// - Inference routes need the API key when one is set (the admin key is accepted too).
 /// - Management routes (load, unload, validate, plugins) need the admin key when one is
@@ -21,7 +22,8 @@ struct AuthMiddleware<Context: RequestContext>: RouterMiddleware {
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         let path = request.uri.path
-        if path == "/health" { return try await next(request, context) }
+        // The web page's own files carry no data; the page asks for a key when an API call needs one.
+        if path == "/health" || (request.method == .get && WebAssets.isPagePath(path)) { return try await next(request, context) }
         let presented = Self.presentedKeys(request.headers)
         func matches(_ key: String?) -> Bool {
             guard let key else { return false }
