@@ -24,6 +24,15 @@ ensure_system_packages() {
     apt_install "${missing[@]}"
 }
 
+# The web page's end-to-end tests (Tests/e2e/test_web_page.py) drive Debian's chromium
+# through its chromium-driver with selenium; nothing downloads a browser of its own.
+ensure_browser() {
+    local missing=()
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
+    apt_install "${missing[@]}"
+}
+
 ensure_python_env() {
     # Keyed by the requirements file's content: venv-<hash> holds exactly those pins, and
     # PATCHBAY_VENV links to it. Older venvs stay until removed by hand, so a process
