@@ -17,6 +17,8 @@
  *   stats_file=/tmp/x.stats  if set, the engine writes its produced-token count here
  *   slots=4                  runs the engine decodes at once (model_info's parallel_slots)
  *   busy_when_full=0         1: a run that finds every slot taken fails with PB_ERR_BUSY
+ *   advertised_slots=-1      the parallel_slots model_info reports: -1 the real number,
+ *                            0 none (the host then queues nothing and the engine says busy)
  *   retry_after_ms=1000      what that busy error tells the client to wait
  *   batching=0               1: one engine thread per model decodes all its runs (see below)
  *   ignore_wall_limit=0      1: ignore the request's max_wall_ms (to test the host's own watchdog)
@@ -125,6 +127,7 @@ struct pb_model {
     uint64_t load_bytes;
     int slots;
     int busy_when_full;
+    int advertised_slots;
     uint32_t retry_after_ms;
     int batching;
     int ignore_wall_limit;
@@ -153,6 +156,7 @@ static void set_setting(pb_model *m, const char *key, const char *value) {
     else if (!strcmp(key, "load_bytes")) m->load_bytes = strtoull(value, NULL, 10);
     else if (!strcmp(key, "slots")) m->slots = atoi(value);
     else if (!strcmp(key, "busy_when_full")) m->busy_when_full = atoi(value);
+    else if (!strcmp(key, "advertised_slots")) m->advertised_slots = atoi(value);
     else if (!strcmp(key, "retry_after_ms")) m->retry_after_ms = (uint32_t)strtoul(value, NULL, 10);
     else if (!strcmp(key, "batching")) m->batching = atoi(value);
     else if (!strcmp(key, "ignore_wall_limit")) m->ignore_wall_limit = atoi(value);
@@ -259,6 +263,7 @@ static pb_status ref_load(const char *request_json, const pb_load_callbacks *cal
     m->context_length = 4096;
     m->load_bytes = 64u << 20;
     m->slots = 4;
+    m->advertised_slots = -1;
     m->retry_after_ms = 1000;
     m->progress_interval_ms = 100;
     m->segment_words = 4;
@@ -339,7 +344,7 @@ enum { EMBEDDING_DIMENSIONS = 8 };
 static void ref_model_info(pb_model *model, pb_model_info *info) {
     if (PB_HAS(info, context_length)) info->context_length = model->context_length;
     if (PB_HAS(info, capabilities)) info->capabilities = model_capabilities(model);
-    if (PB_HAS(info, parallel_slots)) info->parallel_slots = model->slots;
+    if (PB_HAS(info, parallel_slots)) info->parallel_slots = model->advertised_slots < 0 ? model->slots : model->advertised_slots;
     if (PB_HAS(info, embedding_dimensions)) info->embedding_dimensions = EMBEDDING_DIMENSIONS;
     if (PB_HAS(info, training_context_length)) info->training_context_length = model->training_context_length;
     if (PB_HAS(info, size_bytes)) info->size_bytes = model->load_bytes;

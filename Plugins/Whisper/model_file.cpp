@@ -210,24 +210,38 @@ struct model_reader {
     }
 };
 
+// Large reads (a tensor's data) go in pieces, with a progress report after each, so that a
+// progress bar moves through the big tensors too.
+constexpr size_t progress_piece = 4 << 20;
+
+void report(model_reader *r) {
+    r->last_report = std::chrono::steady_clock::now();
+    if (!r->cancelled && !report_load_progress(r->callbacks, "load", r->position, r->size)) r->cancelled = true;
+}
+
 size_t loader_read(void *context, void *output, size_t size) {
     auto *r = static_cast<model_reader *>(context);
-    auto now = std::chrono::steady_clock::now();
-    if (!r->cancelled && now - r->last_report >= report_interval) {
-        r->last_report = now;
-        if (!report_load_progress(r->callbacks, "load", r->position, r->size)) r->cancelled = true;
-    }
+    if (std::chrono::steady_clock::now() - r->last_report >= report_interval) report(r);
     const bool in_tensors = r->position >= r->tensors_start && !r->lost;
-    if (in_tensors && r->cancelled && r->field == model_reader::f_data) {
-        r->position += size;  // skipped: see above
-        r->track(nullptr, size);
-        return size;
+    const bool tensor_data = in_tensors && r->field == model_reader::f_data;
+    char *out = static_cast<char *>(output);
+    size_t done = 0;
+    while (done < size) {
+        if (tensor_data && r->cancelled) {  // skipped: see above
+            r->position += size - done;
+            done = size;
+            break;
+        }
+        size_t want = tensor_data ? std::min(size - done, progress_piece) : size - done;
+        size_t got = r->fill(out + done, want);
+        r->position += got;
+        done += got;
+        if (got < want) break;
+        if (tensor_data && done < size) report(r);
     }
-    size_t got = r->fill(static_cast<char *>(output), size);
-    if (got < size) memset(static_cast<char *>(output) + got, 0, size - got);
-    if (in_tensors && got == size) r->track(static_cast<const char *>(output), size);
-    r->position += got;
-    return got;
+    if (done < size) memset(out + done, 0, size - done);
+    if (in_tensors && done == size) r->track(tensor_data ? nullptr : out, size);
+    return done;
 }
 
 bool loader_eof(void *context) {

@@ -15,6 +15,8 @@ public final class LoadedModel: Sendable {
     /// The rest of what the plugin told about the model (ABI 1.1's model info).
     public let details: ModelDetails
     public let loadedAt: Date
+    /// Runs at once (the engine's slots) and the line behind them.
+    public let admission: AdmissionQueue
     nonisolated(unsafe) let handle: OpaquePointer
 
     private struct RunState {
@@ -27,7 +29,7 @@ public final class LoadedModel: Sendable {
     private let runState = Mutex(RunState())
     private let unloading = Mutex<Task<Void, Never>?>(nil)
 
-    init(id: String, modelPath: String, plugin: Plugin, handle: OpaquePointer) {
+    init(id: String, modelPath: String, plugin: Plugin, handle: OpaquePointer, queueCapacity: Int = 64) {
         self.id = id
         self.modelPath = modelPath
         self.plugin = plugin
@@ -43,6 +45,7 @@ public final class LoadedModel: Sendable {
         let modelCapabilities = info.capabilities == 0 ? plugin.capabilities : Capabilities(rawValue: info.capabilities)
         capabilities = modelCapabilities.intersection(plugin.capabilities)
         loadedAt = Date()
+        admission = AdmissionQueue(slots: details.parallelSlots, capacity: queueCapacity)
     }
 
     /// Creates a run for a normalized request. Cheap; the engine starts in `Run.start()`.

@@ -36,13 +36,16 @@ public final class ModelRegistry: Sendable {
     public let plugins: PluginCatalog
     /// Plugin names in order of preference, for a file several plugins can load.
     public let backendPreference: [String]
+    /// How many requests may wait for each model's slots (`--max-queue`).
+    public let queueCapacity: Int
     private let state = Mutex(State())
     private let logger: Logger
 
-    public init(plugins: PluginCatalog, logger: Logger, backendPreference: [String] = []) {
+    public init(plugins: PluginCatalog, logger: Logger, backendPreference: [String] = [], queueCapacity: Int = 64) {
         self.plugins = plugins
         self.logger = logger
         self.backendPreference = backendPreference
+        self.queueCapacity = queueCapacity
     }
 
     public var models: [LoadedModel] { state.withLock { $0.models } }
@@ -145,7 +148,8 @@ public final class ModelRegistry: Sendable {
                 }
                 return .failure(APIError(pluginStatus: status, message: message))
             }
-            return .success(LoadedModel(id: id, modelPath: path, plugin: plugin, handle: handle))
+            return .success(LoadedModel(id: id, modelPath: path, plugin: plugin, handle: handle,
+                                         queueCapacity: self.queueCapacity))
         }
         let model = try outcome.get()
         tracker.markReady()

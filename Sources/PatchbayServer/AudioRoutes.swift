@@ -33,16 +33,16 @@ struct AudioRoutes {
             throw APIError.invalidRequest("Model '\(model.id)' (backend '\(model.plugin.name)') does not transcribe audio; load a Whisper model.",
                                           param: "model", code: "unsupported_capability")
         }
-        let lease = try state.startRun(on: model, request: transcription.normalized(maxWallMilliseconds: state.maxWallMilliseconds), keys: [
+        let pending = try state.enterQueue(on: model, request: transcription.normalized(maxWallMilliseconds: state.maxWallMilliseconds), keys: [
             transcription.cancelID.map(CancelRegistry.Key.cancelID), transcription.sessionID.map(CancelRegistry.Key.session),
             .completion("transcription-\(randomHex(24))"),
         ].compactMap { $0 }, connection: connection)
 
         if transcription.stream {
-            return lease.eventStream(startingWith: try await lease.firstEvents(), encoder: TranscriptionStreamEncoder())
+            return try await pending.stream(encoder: TranscriptionStreamEncoder())
         }
         var result = TranscriptionResult()
-        try await lease.pump { events in events.forEach { result.add($0) } }
+        try await pending.run().pump { events in events.forEach { result.add($0) } }
         if let error = result.error { throw error }
         let (bytes, contentType) = result.response(format: transcription.responseFormat)
         return Response(status: .ok, headers: [.contentType: contentType], body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))

@@ -26,20 +26,19 @@ struct ChatCompletionsRoutes {
 
         let id = "chatcmpl-\(randomHex(24))"
         let created = Int(Date().timeIntervalSince1970)
-        let lease = try state.startRun(on: model, request: normalized, keys: [
+        let pending = try state.enterQueue(on: model, request: normalized, keys: [
             chat.cancelID.map(CancelRegistry.Key.cancelID), chat.sessionID.map(CancelRegistry.Key.session), .completion(id),
         ].compactMap { $0 }, connection: connection)
 
         guard chat.isStreaming else {
-            let result = try await lease.collect()
+            let result = try await pending.run().collect()
             return JSONResponse.bytes(result.response(id: id, created: created, model: model.id))
         }
 
-        let first = try await lease.firstEvents()
         let encoder = ChatCompletionStreamEncoder(id: id, created: created, model: model.id,
                                                   includeUsage: chat.streamOptions?.includeUsage ?? false,
                                                   includeProgress: chat.returnProgress ?? false)
-        return lease.eventStream(startingWith: first, encoder: encoder)
+        return try await pending.stream(encoder: encoder)
     }
 }
 
@@ -69,16 +68,16 @@ extension ChatCompletionsRoutes {
 
         let id = "chatcmpl-\(randomHex(24))"
         let created = Int(Date().timeIntervalSince1970)
-        let lease = try state.startRun(on: model, request: request, keys: [
+        let pending = try state.enterQueue(on: model, request: request, keys: [
             chat.cancelID.map(CancelRegistry.Key.cancelID), chat.sessionID.map(CancelRegistry.Key.session), .completion(id),
         ].compactMap { $0 }, connection: connection, presenting: TranscriptAsContent().present)
         guard chat.isStreaming else {
-            let result = try await lease.collect()
+            let result = try await pending.run().collect()
             return JSONResponse.bytes(result.response(id: id, created: created, model: model.id))
         }
         let encoder = ChatCompletionStreamEncoder(id: id, created: created, model: model.id,
                                                   includeUsage: chat.streamOptions?.includeUsage ?? false)
-        return lease.eventStream(startingWith: try await lease.firstEvents(), encoder: encoder)
+        return try await pending.stream(encoder: encoder)
     }
 }
 

@@ -20,19 +20,18 @@ struct CompletionsRoutes {
         try state.check(normalized, against: model)
         let id = "cmpl-\(randomHex(24))"
         let created = Int(Date().timeIntervalSince1970)
-        let lease = try state.startRun(on: model, request: normalized, keys: [
+        let pending = try state.enterQueue(on: model, request: normalized, keys: [
             completion.cancelID.map(CancelRegistry.Key.cancelID), completion.sessionID.map(CancelRegistry.Key.session), .completion(id),
         ].compactMap { $0 }, connection: connection)
         let echo = completion.echo == true ? normalized.prompt : nil
 
         guard completion.isStreaming else {
-            let result = try await lease.collect()
+            let result = try await pending.run().collect()
             return JSONResponse.bytes(result.completionResponse(id: id, created: created, model: model.id, echo: echo))
         }
 
-        let first = try await lease.firstEvents()
         let encoder = CompletionStreamEncoder(id: id, created: created, model: model.id,
                                               includeUsage: completion.streamOptions?.includeUsage ?? false, echo: echo)
-        return lease.eventStream(startingWith: first, encoder: encoder)
+        return try await pending.stream(encoder: encoder)
     }
 }

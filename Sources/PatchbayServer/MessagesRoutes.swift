@@ -22,18 +22,17 @@ struct MessagesRoutes {
 
         // Every run is cancellable by cancel_id, session_id and its message id, streaming or not.
         let id = "msg_\(randomHex(24))"
-        let lease = try state.startRun(on: model, request: normalized, keys: [
+        let pending = try state.enterQueue(on: model, request: normalized, keys: [
             messages.cancelID.map(CancelRegistry.Key.cancelID), messages.sessionID.map(CancelRegistry.Key.session), .message(id),
         ].compactMap { $0 }, connection: connection)
 
         guard messages.isStreaming else {
-            let result = try await lease.collect()
+            let result = try await pending.run().collect()
             return JSONResponse.bytes(result.anthropicResponse(id: id, model: model.id))
         }
 
-        let first = try await lease.firstEvents()
         let encoder = AnthropicStreamEncoder(id: id, model: model.id)
-        return lease.eventStream(startingWith: first, encoder: encoder)
+        return try await pending.stream(encoder: encoder)
     }
 
     func countTokens(_ request: Request) async throws -> Response {

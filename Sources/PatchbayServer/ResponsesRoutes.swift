@@ -21,18 +21,17 @@ struct ResponsesRoutes {
         try state.check(normalized, against: model)
 
         let id = "resp_\(randomHex(24))"
-        let lease = try state.startRun(on: model, request: normalized, keys: [
+        let pending = try state.enterQueue(on: model, request: normalized, keys: [
             responses.cancelID.map(CancelRegistry.Key.cancelID), responses.sessionID.map(CancelRegistry.Key.session), .completion(id),
         ].compactMap { $0 }, connection: connection)
         let response = ResponseState(id: id, model: model.id, createdAt: Int(Date().timeIntervalSince1970))
 
         guard responses.isStreaming else {
             var result = response
-            try await lease.pump { events in events.forEach { result.add($0) } }
+            try await pending.run().pump { events in events.forEach { result.add($0) } }
             if let error = result.error { throw error }
             return JSONResponse.bytes(result.json)
         }
-        let first = try await lease.firstEvents()
-        return lease.eventStream(startingWith: first, encoder: ResponsesStreamEncoder(state: response))
+        return try await pending.stream(encoder: ResponsesStreamEncoder(state: response))
     }
 }

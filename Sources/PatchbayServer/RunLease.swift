@@ -24,18 +24,21 @@ final class RunLease: Sendable {
     private let watchdog: Task<Void, Never>
     private let heartbeat: Task<Void, Never>
 
-    init(run: Run, keys: [CancelRegistry.Key], registry: CancelRegistry, maxDuration: Duration, keepAliveInterval: Duration,
-         writeTimeout: @escaping @Sendable () -> Duration, connection: ClientConnection?,
-         presenting present: @escaping @Sendable (GenerationEvent) -> GenerationEvent = { $0 }) {
+    /// Takes over from `PendingRun`: its cancel registration, its cancel target and its hook
+    /// on the connection, and the model slot its ticket holds, given back when the run ends.
+    init(run: Run, registration: CancelRegistry.RunID, target: CancelTarget, ticket: AdmissionQueue.Ticket,
+         state: ServerState, connection: ClientConnection?, connectionHook: UInt64?,
+         presenting present: @escaping @Sendable (GenerationEvent) -> GenerationEvent) {
         self.run = run
         self.present = present
-        self.keepAliveInterval = keepAliveInterval
+        self.keepAliveInterval = state.configuration.keepAliveInterval
         self.connection = connection
+        self.connectionHook = connectionHook
         let writes = WriteClock()
         self.writes = writes
-        let registration = registry.register(keys) { [run] in run.cancel() }
+        let registry = state.cancels
         // The backstop behind the plugin's own max_wall_ms; the run then reports a time-limit finish.
-        let watchdog = Task { [run] in
+        let watchdog = Task { [run, maxDuration = state.configuration.maxGenerationDuration + .seconds(1)] in
             guard (try? await Task.sleep(for: maxDuration)) != nil else { return }
             run.cancel(reason: .timeLimit)
         }
@@ -43,19 +46,20 @@ final class RunLease: Sendable {
         run.onEnd {
             registry.unregister(registration)
             watchdog.cancel()
+            ticket.release()
         }
         // Wakes the response's writer while the engine is silent, for keep-alive writes, and
         // cuts a connection whose client stopped taking what is written.
-        heartbeat = Task { [run, writes, connection] in
+        heartbeat = Task { [run, writes, connection, keepAliveInterval, state] in
             while (try? await Task.sleep(for: keepAliveInterval)) != nil {
                 run.wake()
-                if writes.stalled(longerThan: writeTimeout()) {
+                if writes.stalled(longerThan: state.currentWriteTimeout) {
                     run.cancel()
                     connection?.close()
                 }
             }
         }
-        connectionHook = connection?.onGone { [weak run] in run?.cancel() }
+        target.attach(run)
         run.start()
     }
 
@@ -153,39 +157,48 @@ extension RunLease {
     /// is noticed. A write that fails (the client went away) cancels the run.
     func eventStream(startingWith first: [GenerationEvent], encoder: some EventStreamEncoder) -> Response {
         Response(status: .ok, headers: eventStreamHeaders, body: ResponseBody { [self, encoder] writer in
-            var encoder = encoder
-            // When the client last heard something other than progress.
-            var lastSign: ContinuousClock.Instant?
-            try await pump(startingWith: first) { events in
-                var out: [UInt8] = []
-                for event in events { encoder.encode(event, into: &out) }
-                let silent = events.allSatisfy(\.isProgress)
-                if !silent {
-                    lastSign = .now
-                } else if lastSign.map({ ContinuousClock.now - $0 >= keepAliveInterval }) ?? true {
-                    SSE.comment("keep-alive", into: &out)
-                    lastSign = .now
-                }
-                if !out.isEmpty { try await write(out, to: &writer) }
-            }
-            try await writer.finish(nil)
+            try await writeStream(to: &writer, startingWith: first, encoder: encoder)
         })
+    }
+
+    /// The run's events through `encoder` into a committed SSE response, then its end.
+    func writeStream(to writer: inout any ResponseBodyWriter, startingWith first: [GenerationEvent]? = nil,
+                     encoder: some EventStreamEncoder) async throws {
+        var encoder = encoder
+        // When the client last heard something other than progress.
+        var lastSign: ContinuousClock.Instant?
+        try await pump(startingWith: first) { events in
+            var out: [UInt8] = []
+            for event in events { encoder.encode(event, into: &out) }
+            let silent = events.allSatisfy(\.isProgress)
+            if !silent {
+                lastSign = .now
+            } else if lastSign.map({ ContinuousClock.now - $0 >= keepAliveInterval }) ?? true {
+                SSE.comment("keep-alive", into: &out)
+                lastSign = .now
+            }
+            if !out.isEmpty { try await write(out, to: &writer) }
+        }
+        try await writer.finish(nil)
     }
 }
 
 extension ServerState {
-    /// Creates, registers and starts a run; the returned lease is already in the cancel registry.
-    /// During shutdown, new generations are refused with 503.
-    func startRun(on model: LoadedModel, request: NormalizedRequest, keys: [CancelRegistry.Key],
-                  connection: ClientConnection?,
-                  presenting present: @escaping @Sendable (GenerationEvent) -> GenerationEvent = { $0 }) throws(APIError) -> RunLease {
+    /// Puts a generation in its model's line (see `PendingRun`): admitted at once when a
+    /// slot is free, 429 when the line is full. During shutdown, 503.
+    func enterQueue(on model: LoadedModel, request: NormalizedRequest, keys: [CancelRegistry.Key],
+                    connection: ClientConnection?,
+                    presenting present: @escaping @Sendable (GenerationEvent) -> GenerationEvent = { $0 }) throws(APIError) -> PendingRun {
         if isStopping {
             throw APIError(status: 503, message: "The server is shutting down.", code: "server_shutting_down", retryAfterSeconds: 5)
         }
-        let run = try model.createRun(request)
-        return RunLease(run: run, keys: keys, registry: cancels, maxDuration: configuration.maxGenerationDuration + .seconds(1),
-                        keepAliveInterval: configuration.keepAliveInterval, writeTimeout: { [self] in currentWriteTimeout },
-                        connection: connection, presenting: present)
+        guard let ticket = model.admission.enter() else {
+            let (running, waiting) = model.admission.counts
+            throw APIError(status: 429, message: "Model '\(model.id)' is busy: \(running) running and \(waiting) waiting, the most its queue holds (--max-queue). Try again shortly.",
+                           code: "rate_limit_exceeded", retryAfterSeconds: 1)
+        }
+        return PendingRun(state: self, model: model, request: request, keys: keys, connection: connection, ticket: ticket,
+                          presenting: present)
     }
 
     /// `max_tokens` when the client sets none: the model's context length, never a small number.

@@ -35,6 +35,10 @@ public struct ServerConfiguration: Sendable {
     /// A stream whose engine is still silent (prompt processing) commits to 200 after this
     /// long, then gets an SSE comment at this interval, which also reveals a client that left.
     public var keepAliveInterval: Duration = .seconds(1)
+    /// Requests that may wait for a model's slots, per model; past it, 429.
+    public var maxQueue = 64
+    /// A request that waited this long for a slot gets 503.
+    public var queueTimeout: Duration = .seconds(300)
 
     public init() {}
 }

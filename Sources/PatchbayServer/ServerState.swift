@@ -18,7 +18,8 @@ public final class ServerState: Sendable {
         self.logger = logger
         let plugins = PluginCatalog(logger: logger)
         for directory in configuration.pluginDirectories { plugins.discover(in: directory) }
-        models = ModelRegistry(plugins: plugins, logger: logger, backendPreference: configuration.backendPreference)
+        models = ModelRegistry(plugins: plugins, logger: logger, backendPreference: configuration.backendPreference,
+                               queueCapacity: configuration.maxQueue)
         cancels = CancelRegistry()
     }
 

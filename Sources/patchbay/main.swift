@@ -40,6 +40,8 @@ struct Serve: AsyncParsableCommand {
     var writeTimeoutSeconds = 30.0
     @Option(help: "Largest accepted request body, in MiB.") var maxBodyMb = 100
     @Option(help: "Largest audio file /v1/audio/transcriptions accepts, in MiB.") var maxAudioMb = 25
+    @Option(help: "Requests that may wait for a busy model's slots, per model; past that, 429.") var maxQueue = 64
+    @Option(help: "A request waiting this many seconds for a slot gets 503.") var queueTimeoutSeconds = 300.0
     @Option(help: "Wall-clock cap on one generation, in seconds.") var maxGenerationSeconds = 600
     @Option(help: "On SIGTERM/SIGINT, how long in-flight generations may finish before they are cancelled, in seconds.")
     var shutdownGraceSeconds = 10
@@ -55,6 +57,8 @@ struct Serve: AsyncParsableCommand {
         guard (1...65535).contains(port) else { throw ValidationError("--port must be in 1...65535") }
         guard maxBodyMb > 0 else { throw ValidationError("--max-body-mb must be positive") }
         guard maxAudioMb > 0 else { throw ValidationError("--max-audio-mb must be positive") }
+        guard maxQueue >= 0 else { throw ValidationError("--max-queue must not be negative") }
+        guard queueTimeoutSeconds > 0 else { throw ValidationError("--queue-timeout-seconds must be positive") }
         guard maxGenerationSeconds > 0 else { throw ValidationError("--max-generation-seconds must be positive") }
         guard shutdownGraceSeconds >= 0 else { throw ValidationError("--shutdown-grace-seconds must not be negative") }
         guard writeTimeoutSeconds >= 1 && writeTimeoutSeconds <= 3600 else { throw ValidationError("--write-timeout-seconds must be in 1...3600") }
@@ -77,6 +81,8 @@ struct Serve: AsyncParsableCommand {
         configuration.writeTimeout = .milliseconds(Int(writeTimeoutSeconds * 1000))
         configuration.maxBodyBytes = maxBodyMb * 1024 * 1024
         configuration.maxAudioBytes = maxAudioMb * 1024 * 1024
+        configuration.maxQueue = maxQueue
+        configuration.queueTimeout = .milliseconds(Int(queueTimeoutSeconds * 1000))
         configuration.maxGenerationDuration = .seconds(maxGenerationSeconds)
         configuration.shutdownGracePeriod = .seconds(shutdownGraceSeconds)
         configuration.backendPreference = Self.list(preferBackend)

@@ -120,7 +120,8 @@ def test_a_slow_reader_does_not_slow_the_other_streams_of_a_batching_engine(serv
 # ─── Busy engines ─────────────────────────────────────────────────────────────────────
 
 def test_a_busy_engine_answers_429_with_retry_after_in_each_dialect(server, openai_client, anthropic_client):
-    server.load("one-slot", slots=1, busy_when_full=1, retry_after_ms=1500, repeat=1, token_delay_ms=20)
+    # The engine does not tell the host its slots, so the host queues nothing and the engine refuses.
+    server.load("one-slot", slots=1, busy_when_full=1, advertised_slots=0, retry_after_ms=1500, repeat=1, token_delay_ms=20)
     first = RawStream(server, "/v1/chat/completions",
                       {"model": "one-slot", "messages": USER, "stream": True, "max_tokens": 100000, "cancel_id": "holder"})
     first.read_until(b"data: {", 10)
