@@ -871,7 +871,8 @@ function finishRun(run) {
     saveConversations();
     redraw(message);
     updateComposer();
-    refreshModels(); // the model's "answering" count
+    refreshModels(); // the model's "answering" count, now and once the server has let go of the run
+    setTimeout(refreshModels, 600);
     if (document.activeElement === document.body || document.activeElement === ui.stop) ui.input.focus();
 }
 
