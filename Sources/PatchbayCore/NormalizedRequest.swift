@@ -23,6 +23,8 @@ public struct NormalizedRequest: Sendable {
     /// Kind "transcription": the name of the input holding the audio, and the language (nil = detect).
     public var audioInput: String?
     public var language: String?
+    /// The HTTP request's id (`x-request-id`), for the plugin's log lines about this run.
+    public var requestID: String?
 
     /// Plugins read `max_tokens` into a C `int`, so a client's `Int.max` ("no limit") must not overflow it.
     public static let maxTokensLimit = Int(Int32.max)
@@ -43,6 +45,7 @@ public struct NormalizedRequest: Sendable {
             if let language { members.append(("language", .string(language))) }
             if let prompt { members.append(("prompt", .string(prompt))) }
         }
+        if let requestID { members.append(("request_id", .string(requestID))) }
         members.append(("max_tokens", .int(Int64(maxTokens))))
         members.append(("max_wall_ms", .int(Int64(maxWallMilliseconds))))
         members += sampling.members

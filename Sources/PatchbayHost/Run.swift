@@ -63,6 +63,9 @@ public final class Run: Sendable {
         for hook in hooks { hook() }
     }
 
+    /// Whether the engine delivered the run's terminal event.
+    public var hasEnded: Bool { ended.load(ordering: .relaxed) }
+
     /// Calls `body` once when the run has ended (at once if it has).
     public func onEnd(_ body: @escaping @Sendable () -> Void) {
         let ended = life.withLock { life in

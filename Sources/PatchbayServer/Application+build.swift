@@ -10,13 +10,22 @@ import UnixSignals
 public func buildApplication(state: ServerState) -> some ApplicationProtocol {
     let configuration = state.configuration
     let router = Router(context: PatchbayRequestContext.self)
-    // Outermost: requests a web page must not make never reach a route or the key check.
+    // Outermost: every request gets its id, its access-log line and its metric, refused ones too.
+    router.add(middleware: AccessLog(logger: state.logger, metrics: state.metrics, routes: knownRoutes))
+    // Requests a web page must not make never reach a route or the key check.
     router.add(middleware: RequestGuard(policy: OriginPolicy(
         boundHost: configuration.host, allowedHosts: configuration.allowedHosts, corsOrigins: configuration.corsOrigins)))
     router.add(middleware: ErrorMiddleware(logger: state.logger))
     let auth = AuthMiddleware<PatchbayRequestContext>(apiKey: configuration.apiKey, adminKey: configuration.adminKey)
     if auth.isEnabled { router.add(middleware: auth) }
-    router.get("/health") { _, _ in JSONResponse.value(.object([("status", .string("ok"))])) }
+    // For load balancers: 200 while serving, 503 once shutdown began.
+    router.get("/health") { _, _ in
+        state.isStopping
+            ? JSONResponse.value(.object([("status", .string("shutting_down"))]), status: .serviceUnavailable)
+            : JSONResponse.value(.object([("status", .string("ok")), ("plugins", .int(Int64(state.plugins.plugins.count))),
+                                          ("models", .int(Int64(state.models.models.count)))]))
+    }
+    router.get("/metrics") { _, _ in state.metricsResponse() }
     ChatCompletionsRoutes(state: state).register(on: router)
     MessagesRoutes(state: state).register(on: router)
     CompletionsRoutes(state: state).register(on: router)
@@ -34,6 +43,29 @@ public func buildApplication(state: ServerState) -> some ApplicationProtocol {
         server: .http1(configuration: .init(additionalChannelHandlers: [ClientDepartureHandler()], idleTimeout: .seconds(120))),
         configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "patchbay"),
         logger: state.logger)
+}
+
+/// Every route's path, for the route label of the request metrics (anything else is
+/// "unmatched", so that scanners cannot make the label set grow without bound).
+let knownRoutes: Set<String> = [
+    "/health", "/metrics", "/", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
+    "/v1/models", "/v1/messages", "/v1/messages/count_tokens", "/v1/audio/transcriptions", "/api/inference/load",
+    "/api/inference/unload", "/api/inference/validate", "/api/inference/status", "/api/inference/load-progress",
+    "/api/inference/cancel", "/api/plugins", "/api/plugins/load",
+]
+
+extension ServerState {
+    /// `GET /metrics`: Prometheus's text format.
+    func metricsResponse() -> Response {
+        let current = models.models
+        let ids = Set(current.map(\.id))
+        let gone = reportedModels.withLock { reported in
+            defer { reported = ids }
+            return reported.subtracting(ids).sorted()
+        }
+        return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                        body: ResponseBody(byteBuffer: ByteBuffer(bytes: metrics.exposition(models: current, gone: gone))))
+    }
 }
 
 /// On graceful shutdown: refuses new generations (503), lets in-flight ones finish for
@@ -65,6 +97,7 @@ public struct GenerationDrain: Service {
         defer { listener.cancel() }
         if await waitUntilIdle(cancels, for: state.configuration.shutdownGracePeriod, unless: impatience) { return }
         let cancelled = cancels.cancelAll()
+        state.metrics.cancelled(.shutdown, count: cancelled)
         state.logger.warning("grace period over; cancelled generations", metadata: ["count": .stringConvertible(cancelled)])
         _ = await waitUntilIdle(cancels, for: .seconds(5), unless: nil)
     }

@@ -41,9 +41,9 @@ struct AuthMiddleware<Context: RequestContext>: RouterMiddleware {
         return try await next(request, context)
     }
 
-    /// Routes that change what runs on the machine or reveal its files.
+    /// Routes that change what runs on the machine or reveal its files, and the metrics.
     static func isManagement(_ path: String) -> Bool {
-        ["/api/inference/load", "/api/inference/unload", "/api/inference/validate"].contains(path)
+        ["/api/inference/load", "/api/inference/unload", "/api/inference/validate", "/metrics"].contains(path)
             || path == "/api/plugins" || path.hasPrefix("/api/plugins/")
     }
 

@@ -25,7 +25,15 @@ struct InferenceRoutes {
         let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
         let load = try RequestDecoding.decode(LoadModelRequest.self, from: body)
         let raw = try RequestDecoding.decode(JSONValue.self, from: body)
-        let (model, alreadyLoaded) = try await state.models.load(load, body: raw)
+        let started = ContinuousClock.now
+        let model: LoadedModel, alreadyLoaded: Bool
+        do {
+            (model, alreadyLoaded) = try await state.models.load(load, body: raw)
+        } catch {
+            state.metrics.modelLoad(backend: load.backend ?? "auto", succeeded: false, duration: .now - started)
+            throw error
+        }
+        if !alreadyLoaded { state.metrics.modelLoad(backend: model.plugin.name, succeeded: true, duration: .now - started) }
         var summary = model.statusObject
         if case .object(var members) = summary {
             members.insert(("status", .string(alreadyLoaded ? "already_loaded" : "loaded")), at: 0)
@@ -36,6 +44,9 @@ struct InferenceRoutes {
 
     private func unload(_ request: Request) async throws -> Response {
         let unload = try await state.decodeBody(ModelReferenceRequest.self, of: request)
+        if unload.forceCancelActive == true, let model = try? state.models.model(named: unload.modelPath) {
+            state.metrics.cancelled(.unload, count: model.activeRunCount)
+        }
         let id = try await state.models.unload(named: unload.modelPath, forceCancelActive: unload.forceCancelActive ?? false)
         return JSONResponse.value(.object([("status", .string("unloaded")), ("model", .string(id))]))
     }
@@ -95,6 +106,7 @@ struct InferenceRoutes {
         func key(_ name: String) -> String? { json[name]?.stringValue.flatMap { $0.isEmpty ? nil : $0 } }
         let cancelled = state.cancels.cancel(CancelRegistry.Target(
             cancelID: key("cancel_id"), sessionID: key("session_id"), completionID: key("completion_id") ?? key("response_id"), messageID: key("message_id")))
+        state.metrics.cancelled(.api, count: cancelled)
         return JSONResponse.value(.object([("cancelled", .int(Int64(cancelled)))]))
     }
 }

@@ -21,6 +21,8 @@ final class PendingRun: Sendable {
     private let registration: CancelRegistry.RunID
     private let connection: ClientConnection?
     private let connectionHook: UInt64?
+    /// The request's access-log record, which the run fills in.
+    private let record: RequestRecord?
     /// Set once a lease took over the registration and the hook.
     private let handedOver = Atomic<Bool>(false)
 
@@ -29,6 +31,11 @@ final class PendingRun: Sendable {
          presenting present: @escaping @Sendable (GenerationEvent) -> GenerationEvent) {
         self.state = state
         self.model = model
+        let record = RequestRecord.current
+        self.record = record
+        record?.model = model.id
+        var request = request
+        request.requestID = record?.id
         self.request = request
         self.present = present
         self.ticket = ticket
@@ -36,7 +43,9 @@ final class PendingRun: Sendable {
         let target = CancelTarget(ticket: ticket)
         self.target = target
         registration = state.cancels.register(keys) { target.cancel() }
-        connectionHook = connection?.onGone { target.cancel() }
+        connectionHook = connection?.onGone { [metrics = state.metrics] in
+            if target.cancel() { metrics.cancelled(.clientDisconnect) }
+        }
     }
 
     deinit {
@@ -112,7 +121,7 @@ final class PendingRun: Sendable {
         let run = try model.createRun(request)
         handedOver.store(true, ordering: .relaxed)
         return RunLease(run: run, registration: registration, target: target, ticket: ticket, state: state,
-                        connection: connection, connectionHook: connectionHook, presenting: present)
+                        connection: connection, connectionHook: connectionHook, record: record, presenting: present)
     }
 }
 
@@ -132,13 +141,16 @@ final class CancelTarget: Sendable {
 
     var isCancelled: Bool { state.withLock { $0.cancelled } }
 
-    func cancel() {
-        let run = state.withLock { state -> Run? in
-            state.cancelled = true
-            return state.run
+    /// True for the first cancel of a request still waiting or running.
+    @discardableResult
+    func cancel() -> Bool {
+        let (first, run) = state.withLock { state -> (Bool, Run?) in
+            defer { state.cancelled = true }
+            return (!state.cancelled, state.run)
         }
-        ticket.withdraw()
+        let waiting = ticket.withdraw()
         run?.cancel()
+        return first && (waiting || run.map { !$0.hasEnded } ?? false)
     }
 
     /// The run takes over; a cancel that came while it waited cancels it now.

@@ -23,23 +23,29 @@ final class RunLease: Sendable {
     private let writes: WriteClock
     private let watchdog: Task<Void, Never>
     private let heartbeat: Task<Void, Never>
+    private let record: RequestRecord?
+    private let metrics: ServerMetrics
 
     /// Takes over from `PendingRun`: its cancel registration, its cancel target and its hook
     /// on the connection, and the model slot its ticket holds, given back when the run ends.
     init(run: Run, registration: CancelRegistry.RunID, target: CancelTarget, ticket: AdmissionQueue.Ticket,
-         state: ServerState, connection: ClientConnection?, connectionHook: UInt64?,
+         state: ServerState, connection: ClientConnection?, connectionHook: UInt64?, record: RequestRecord?,
          presenting present: @escaping @Sendable (GenerationEvent) -> GenerationEvent) {
         self.run = run
         self.present = present
         self.keepAliveInterval = state.configuration.keepAliveInterval
         self.connection = connection
         self.connectionHook = connectionHook
+        self.record = record
+        let metrics = state.metrics
+        self.metrics = metrics
         let writes = WriteClock()
         self.writes = writes
         let registry = state.cancels
         // The backstop behind the plugin's own max_wall_ms; the run then reports a time-limit finish.
         let watchdog = Task { [run, maxDuration = state.configuration.maxGenerationDuration + .seconds(1)] in
             guard (try? await Task.sleep(for: maxDuration)) != nil else { return }
+            metrics.cancelled(.wallClock)
             run.cancel(reason: .timeLimit)
         }
         self.watchdog = watchdog
@@ -54,6 +60,7 @@ final class RunLease: Sendable {
             while (try? await Task.sleep(for: keepAliveInterval)) != nil {
                 run.wake()
                 if writes.stalled(longerThan: state.currentWriteTimeout) {
+                    if !run.hasEnded { metrics.cancelled(.writeTimeout) }
                     run.cancel()
                     connection?.close()
                 }
@@ -131,6 +138,7 @@ final class RunLease: Sendable {
                     batch.removeSubrange((terminal + 1)...)
                     finished = true
                 }
+                observe(batch)
                 try await body(batch)
             }
             end()
@@ -143,6 +151,15 @@ final class RunLease: Sendable {
 }
 
 extension RunLease {
+    /// Feeds the access-log record, and at the run's end its metrics.
+    private func observe(_ events: [GenerationEvent]) {
+        guard let record else { return }
+        for event in events {
+            record.observe(event)
+            if event.isTerminal { record.reportRun(to: metrics) }
+        }
+    }
+
     /// The whole run, for a response that is not streamed; an engine error is thrown.
     func collect() async throws -> ChatCompletionAccumulator {
         var result = ChatCompletionAccumulator()

@@ -1,5 +1,6 @@
 import Logging
 import PatchbayHost
+import Prometheus
 import Synchronization
 
 /// What every route shares: configuration, plugins, models and the cancel registry.
@@ -8,19 +9,26 @@ public final class ServerState: Sendable {
     public let models: ModelRegistry
     public let cancels: CancelRegistry
     public let logger: Logger
+    let metrics: ServerMetrics
     private let stopping = Atomic<Bool>(false)
+    /// The models `/metrics` showed last time, so that an unloaded one's gauges go to 0.
+    let reportedModels = Mutex<Set<String>>([])
     private let hurrying = Atomic<Bool>(false)
 
     public var plugins: PluginCatalog { models.plugins }
 
-    public init(configuration: ServerConfiguration, logger: Logger) {
+    /// `metricsRegistry`: where the metrics go (the one swift-metrics was bootstrapped
+    /// with), for `GET /metrics`; nil serves no metrics.
+    public init(configuration: ServerConfiguration, logger: Logger, metricsRegistry: PrometheusCollectorRegistry? = nil) {
         self.configuration = configuration
         self.logger = logger
+        metrics = ServerMetrics(registry: metricsRegistry)
         let plugins = PluginCatalog(logger: logger)
         for directory in configuration.pluginDirectories { plugins.discover(in: directory) }
         models = ModelRegistry(plugins: plugins, logger: logger, backendPreference: configuration.backendPreference,
                                queueCapacity: configuration.maxQueue)
         cancels = CancelRegistry()
+        metrics.pluginRefused(count: plugins.refusals.count)
     }
 
     /// Shutdown began: new generations and loads are refused.

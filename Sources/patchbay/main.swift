@@ -2,6 +2,8 @@ import ArgumentParser
 import Foundation
 import Hummingbird
 import Logging
+import Metrics
+import Prometheus
 import PatchbayServer
 import ServiceLifecycle
 
@@ -46,6 +48,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "On SIGTERM/SIGINT, how long in-flight generations may finish before they are cancelled, in seconds.")
     var shutdownGraceSeconds = 10
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
+    @Option(help: "Log lines as text (for people) or json (one object per line, for log collectors).") var logFormat = "text"
     @Option(help: ArgumentHelp(
         "Backend plugin to prefer when several can load a model file (repeatable, or comma-separated, first wins).",
         discussion: "Without it, the plugin whose probe is most confident wins, then the plugin name in alphabetical order. 'backend' in a load request always wins."))
@@ -64,9 +67,14 @@ struct Serve: AsyncParsableCommand {
         guard writeTimeoutSeconds >= 1 && writeTimeoutSeconds <= 3600 else { throw ValidationError("--write-timeout-seconds must be in 1...3600") }
         guard keepAliveSeconds >= 0.05 && keepAliveSeconds <= 60 else { throw ValidationError("--keep-alive-seconds must be in 0.05...60") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        guard ["text", "json"].contains(logFormat) else { throw ValidationError("--log-format must be text or json") }
     }
 
     func run() async throws {
+        if logFormat == "json" { LoggingSystem.bootstrap { JSONLogHandler(label: $0) } }
+        // Every metric the server records goes to this registry, which GET /metrics shows.
+        let metricsRegistry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(ServerMetrics.factory(registry: metricsRegistry))
         var logger = Logger(label: "patchbay")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
         var configuration = ServerConfiguration()
@@ -88,7 +96,7 @@ struct Serve: AsyncParsableCommand {
         configuration.backendPreference = Self.list(preferBackend)
         configuration.keepAliveInterval = .milliseconds(Int(keepAliveSeconds * 1000))
 
-        let state = ServerState(configuration: configuration, logger: logger)
+        let state = ServerState(configuration: configuration, logger: logger, metricsRegistry: metricsRegistry)
         let app = buildApplication(state: state)
         // Graceful shutdown runs in reverse order: the drain first, then the HTTP server.
         let services = ServiceGroup(

@@ -70,6 +70,8 @@
  *   "chat_template_kwargs": object (enable_thinking, reasoning_effort, preserve_thinking)
  *   "max_wall_ms": integer — the generation must end by this wall-clock budget;
  *                  a run that reaches it ends with PB_FINISH_TIME_LIMIT
+ *   "request_id":  string, when the host has one: the HTTP request's id
+ *                  (x-request-id); name it in log lines about this run
  *
  * ABI 1.1 adds, for a plugin whose table has run_create_with_inputs:
  *   - An image part may come as {"type":"image","image":{"input":NAME}}: the

@@ -1054,6 +1054,7 @@ function updateComposer() {
     ui.stop.hidden = !busy && !state.transcription;
     ui.send.disabled = !ui.modelSelect.value;
     ui.composer.dataset.state = busy ? "running" : "idle";
+    ui.messages.setAttribute("aria-busy", String(busy)); // screen readers: the answer once it is whole
     ui.audioFile.disabled = Boolean(state.transcription);
     ui.record.disabled = Boolean(state.transcription);
 }
