@@ -784,6 +784,9 @@ def test_speech_from_the_microphone_is_transcribed_by_whisper(tmp_path):
         assert status == 200, body
         # What the page reads: a transcription model, not a chat model.
         assert set(body["capabilities"]) >= {"transcription"} and "chat" not in body["capabilities"]
+        listed = {m["id"]: m for m in server.get("/v1/models")[1]["data"]}["whisper"]
+        status = {m["model"]: m for m in server.get("/api/inference/status")[1]["models"]}["whisper"]
+        assert listed["capabilities"] == status["capabilities"] == body["capabilities"]
         page = Page(driver)
         page.open(server.base)
         page.wait(lambda: page.visible("audio-tools"), 10, "the audio buttons")
