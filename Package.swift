@@ -60,7 +60,7 @@ let package = Package(
         .executableTarget(
             name: "patchbay",
             dependencies: [
-                "PatchbayServer",
+                "PatchbayServer", "PatchbayCore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),

@@ -494,6 +494,7 @@ struct pb_run {
     const pb_byte_input **images; /* the host's inputs, valid until run_destroy: no copy */
     size_t image_count;
     char *language;               /* transcription: the request's language, or NULL to "detect" */
+    char *request_id;             /* the host's id for the HTTP request, named in the log */
     int64_t audio_ms;
     int64_t segment_count;
 
@@ -572,6 +573,7 @@ static void free_run(pb_run *run) {
     free(run->tool_name);
     free(run->images);
     free(run->language);
+    free(run->request_id);
     jb_free(&run->scratch);
     jb_free(&run->content);
     pthread_cond_destroy(&run->done);
@@ -695,6 +697,8 @@ static pb_status ref_run_create_with_inputs(pb_model *model, const char *request
     run->max_wall_ms = model->ignore_wall_limit ? 0 : json_get_number(request, "max_wall_ms", 0);
     pb_status status = PB_OK;
 
+    const char *request_id = json_get_string(request, "request_id");
+    if (request_id) run->request_id = dup_string(request_id);
     const char *kind = json_get_string(request, "kind");
     if (kind && !strcmp(kind, "transcription")) {
         /* A 1.0 host never sends this kind; if one did, it could not take the events. */
@@ -834,6 +838,9 @@ static void end_run(pb_run *run, const pb_event_sink *sink, pb_finish_reason fin
      * end and reads the stats finds no active run. */
     __atomic_sub_fetch(&m->active_runs, 1, __ATOMIC_SEQ_CST);
     write_stats(m);
+    if (run->request_id)
+        plugin_log(g_host, PB_LOG_INFO, "request %s: run ended, %lld prompt and %lld generated tokens", run->request_id,
+                   (long long)run->prompt_tokens, (long long)run->produced);
     pb_event done = { 0 };
     done.type = PB_EVENT_FINISH;
     done.finish_reason = finish;

@@ -102,12 +102,14 @@ bool client_behind(pb_run *run) {
 void log_cancel(pb_run *run, const slot *s, int64_t last_compute_ns, const char *phase) {
     int64_t cancel_ns = run->cancel_ns.load();
     double latency = cancel_ns > 0 ? std::max<int64_t>(0, last_compute_ns - cancel_ns) / 1e6 : 0;
+    const std::string &id = run->request.request_id;
+    const char *named = id.empty() ? "" : " request ";
     if (s && s->state == slot::prefill)
-        plugin_log(g_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %zu/%zu prompt tokens)",
-                   latency, phase, s->n_prompt_done, run->request.prompt.size());
+        plugin_log(g_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %zu/%zu prompt tokens)%s%s",
+                   latency, phase, s->n_prompt_done, run->request.prompt.size(), named, id.c_str());
     else
-        plugin_log(g_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %d tokens generated)",
-                   latency, phase, s ? s->n_generated : 0);
+        plugin_log(g_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %d tokens generated)%s%s",
+                   latency, phase, s ? s->n_generated : 0, named, id.c_str());
 }
 
 void send_usage_and_timings(pb_run *run, const slot &s) {

@@ -55,6 +55,7 @@ struct prepared_request {
     task_params params;       // sampling, stop strings, n_predict, chat parsing, as llama-server reads them
     common_sampler *sampler = nullptr;  // made from `params` at run_create (a bad grammar is a 400 there)
     int64_t max_wall_ms = 0;
+    std::string request_id;   // the host's id for the HTTP request, named in log lines
 };
 
 struct pb_model;

@@ -109,5 +109,7 @@ pb_status prepare_request(pb_model *model, const std::string &request_json, bool
         return PB_ERR_INVALID_REQUEST;
     }
     out.max_wall_ms = integer(request, "max_wall_ms", 0);
+    if (request.contains("request_id") && request.at("request_id").is_string())
+        out.request_id = request.at("request_id").get<std::string>();
     return PB_OK;
 }

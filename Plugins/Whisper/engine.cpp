@@ -152,8 +152,9 @@ const char *phase_name(run_phase phase) {
 void log_cancel(pb_run *run, int64_t stopped_ns) {
     int64_t cancel_ns = run->cancel_ns.load();
     double latency = cancel_ns > 0 ? std::max<int64_t>(0, stopped_ns - cancel_ns) / 1e6 : 0;
-    plugin_log(g_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %d segments decoded)",
-               latency, phase_name(run->phase.load()), run->segments);
+    plugin_log(g_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %d segments decoded)%s%s",
+               latency, phase_name(run->phase.load()), run->segments, run->request.request_id.empty() ? "" : " request ",
+               run->request.request_id.c_str());
 }
 
 // ─── whisper.cpp's callbacks ─────────────────────────────────────────────────────────

@@ -257,6 +257,7 @@ pb_status read_request(pb_model *model, const json_value *request, const pb_byte
         out.temperature = (float)temperature->number;
     }
     if (!read_integer(request, "max_wall_ms", 0, 0, INT64_MAX, out.max_wall_ms, error)) return PB_ERR_INVALID_REQUEST;
+    if (const char *id = json_get_string(request, "request_id")) out.request_id = id;
     return PB_OK;
 }
 

@@ -97,6 +97,7 @@ struct transcription_request {
     std::string prompt;        // whisper's initial prompt; empty: none
     float temperature = 0.0f;  // the first decoding temperature (whisper falls back higher)
     int64_t max_wall_ms = 0;
+    std::string request_id;    // the host's id for the HTTP request, named in log lines
 };
 
 // Where a run is, for the cancel log line.

@@ -20,6 +20,8 @@ public final class LoadedModel: Sendable {
     nonisolated(unsafe) let handle: OpaquePointer
 
     private struct RunState {
+        /// When the model last had a run, or was loaded: for the idle unload.
+        var lastActive = ContinuousClock.now
         var nextRunID: UInt64 = 0
         var runs: [UInt64: WeakRun] = [:]
         var accepting = true
@@ -27,6 +29,19 @@ public final class LoadedModel: Sendable {
     }
 
     private let runState = Mutex(RunState())
+    private let idleLimit = Mutex<Duration?>(nil)
+
+    /// How long the model may sit idle before it is unloaded (`keep_alive`); nil: forever.
+    public var keepAlive: Duration? {
+        get { idleLimit.withLock { $0 } }
+        set { idleLimit.withLock { $0 = newValue } }
+    }
+
+    /// Whether the model has been idle (no run, none waiting) for longer than its keep-alive.
+    public var idleTooLong: Bool {
+        guard let limit = keepAlive, admission.counts.waiting == 0 else { return false }
+        return runState.withLock { $0.runs.isEmpty && ContinuousClock.now - $0.lastActive >= limit }
+    }
     private let unloading = Mutex<Task<Void, Never>?>(nil)
 
     init(id: String, modelPath: String, plugin: Plugin, handle: OpaquePointer, queueCapacity: Int = 64) {
@@ -97,6 +112,7 @@ public final class LoadedModel: Sendable {
     func runEnded(_ runID: UInt64) {
         let waiters = runState.withLock { state -> [CheckedContinuation<Void, Never>] in
             state.runs[runID] = nil
+            state.lastActive = .now
             guard state.runs.isEmpty else { return [] }
             defer { state.idleWaiters = [] }
             return state.idleWaiters

@@ -52,6 +52,7 @@ let knownRoutes: Set<String> = [
     "/v1/models", "/v1/messages", "/v1/messages/count_tokens", "/v1/audio/transcriptions", "/api/inference/load",
     "/api/inference/unload", "/api/inference/validate", "/api/inference/status", "/api/inference/load-progress",
     "/api/inference/cancel", "/api/plugins", "/api/plugins/load",
+    "/ui/app.js", "/ui/markdown.js", "/ui/style.css", "/ui/favicon.svg",
 ]
 
 extension ServerState {

@@ -28,7 +28,7 @@ struct AudioRoutes {
                            param: "file", code: "file_too_large")
         }
         let transcription = try TranscriptionRequest(form: form)
-        let model = try state.models.model(named: transcription.model)
+        let model = try await state.model(named: transcription.model)
         guard model.capabilities.contains(.transcription) else {
             throw APIError.invalidRequest("Model '\(model.id)' (backend '\(model.plugin.name)') does not transcribe audio; load a Whisper model.",
                                           param: "model", code: "unsupported_capability")

@@ -16,7 +16,12 @@ struct ChatCompletionsRoutes {
     func handle(_ request: Request, connection: ClientConnection?) async throws -> Response {
         let chat = try await state.decodeBody(ChatCompletionRequest.self, of: request)
         try chat.validate()
-        let model = try state.models.model(named: chat.model)
+        return try await state.serve(model: chat.model, streaming: chat.isStreaming, dialect: .openAI) { model in
+            try await respond(to: chat, with: model, connection: connection)
+        }
+    }
+
+    func respond(to chat: ChatCompletionRequest, with model: LoadedModel, connection: ClientConnection?) async throws -> Response {
         if model.capabilities.contains(.transcription) && !model.capabilities.contains(.chat) {
             return try await transcribe(chat, on: model, connection: connection)
         }

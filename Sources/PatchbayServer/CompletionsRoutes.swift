@@ -14,7 +14,12 @@ struct CompletionsRoutes {
     func handle(_ request: Request, connection: ClientConnection?) async throws -> Response {
         let completion = try await state.decodeBody(CompletionRequest.self, of: request)
         try completion.validate()
-        let model = try state.models.model(named: completion.model)
+        return try await state.serve(model: completion.model, streaming: completion.isStreaming, dialect: .openAI) { model in
+            try await respond(to: completion, with: model, connection: connection)
+        }
+    }
+
+    func respond(to completion: CompletionRequest, with model: LoadedModel, connection: ClientConnection?) async throws -> Response {
         let normalized = completion.normalized(maxTokens: state.defaultMaxTokens(for: model),
                                                maxWallMilliseconds: state.maxWallMilliseconds)
         try state.check(normalized, against: model)

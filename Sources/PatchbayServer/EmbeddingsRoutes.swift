@@ -13,7 +13,7 @@ struct EmbeddingsRoutes {
     func handle(_ request: Request) async throws -> Response {
         let embeddings = try await state.decodeBody(EmbeddingsRequest.self, of: request)
         try embeddings.validate()
-        let model = try state.models.model(named: embeddings.model)
+        let model = try await state.model(named: embeddings.model)
         var vectors: [[Float]] = []
         var promptTokens = 0
         for text in embeddings.input.values {

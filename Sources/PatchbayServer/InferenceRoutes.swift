@@ -34,6 +34,12 @@ struct InferenceRoutes {
             throw error
         }
         if !alreadyLoaded { state.metrics.modelLoad(backend: model.plugin.name, succeeded: true, duration: .now - started) }
+        // A load of a model already loaded changes its keep_alive only when it names one.
+        if let keepAlive = load.keepAlive {
+            model.keepAlive = keepAlive.idleLimit
+        } else if !alreadyLoaded {
+            model.keepAlive = state.configuration.modelKeepAlive
+        }
         var summary = model.statusObject
         if case .object(var members) = summary {
             members.insert(("status", .string(alreadyLoaded ? "already_loaded" : "loaded")), at: 0)

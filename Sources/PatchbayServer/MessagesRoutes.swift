@@ -16,7 +16,12 @@ struct MessagesRoutes {
     func messages(_ request: Request, connection: ClientConnection?) async throws -> Response {
         let messages = try await state.decodeBody(AnthropicMessagesRequest.self, of: request)
         try messages.validate()
-        let model = try state.models.model(named: messages.model)
+        return try await state.serve(model: messages.model, streaming: messages.isStreaming, dialect: .anthropic) { model in
+            try await respond(to: messages, with: model, connection: connection)
+        }
+    }
+
+    func respond(to messages: AnthropicMessagesRequest, with model: LoadedModel, connection: ClientConnection?) async throws -> Response {
         let normalized = try messages.normalized(maxWallMilliseconds: state.maxWallMilliseconds)
         try state.check(normalized, against: model)
 
@@ -37,7 +42,7 @@ struct MessagesRoutes {
 
     func countTokens(_ request: Request) async throws -> Response {
         let count = try await state.decodeBody(AnthropicCountTokensRequest.self, of: request)
-        let model = try state.models.model(named: count.model)
+        let model = try await state.model(named: count.model)
         let normalized = try count.normalized()
         try state.check(normalized, against: model)
         let tokens = try await model.countTokens(normalized)

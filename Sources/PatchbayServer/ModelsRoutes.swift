@@ -7,10 +7,13 @@ struct ModelsRoutes {
     let state: ServerState
 
     func register(on router: Router<PatchbayRequestContext>) {
+        // Loaded models, then (with --models-dir) those a request can load by naming them.
         router.get("/v1/models") { _, _ in
-            JSONResponse.value(.object([
+            let loaded = state.models.models
+            let available = state.availableModels.filter { file in !loaded.contains { $0.id == file.id } }
+            return JSONResponse.value(.object([
                 ("object", .string("list")),
-                ("data", .array(state.models.models.map(\.openAIModelObject))),
+                ("data", .array(loaded.map(\.openAIModelObject) + available.map(\.openAIModelObject))),
             ]))
         }
         // `**` so that an id with slashes ("org/model") is one model id.
@@ -24,6 +27,21 @@ struct ModelsRoutes {
     }
 }
 
+extension ServerState.AvailableModel {
+    /// A model `--models-dir` offers that is not loaded: `"loaded": false`.
+    var openAIModelObject: JSONValue {
+        .object([
+            ("id", .string(id)),
+            ("object", .string("model")),
+            ("created", .int(0)),
+            ("owned_by", .string("patchbay")),
+            ("loaded", .bool(false)),
+            ("backend", .string(backend)),
+            ("model_path", .string(path)),
+        ])
+    }
+}
+
 extension LoadedModel {
     var openAIModelObject: JSONValue {
         .object([
@@ -31,6 +49,8 @@ extension LoadedModel {
             ("object", .string("model")),
             ("created", .int(Int64(loadedAt.timeIntervalSince1970))),
             ("owned_by", .string("patchbay")),
+            ("loaded", .bool(true)),
+            ("keep_alive_seconds", keepAlive.map { .int($0.components.seconds) } ?? .int(-1)),
             ("backend", .string(plugin.name)),
             ("context_length", contextLength.map { .int(Int64($0)) } ?? .null),
             ("capabilities", .array(capabilities.names.map(JSONValue.string))),

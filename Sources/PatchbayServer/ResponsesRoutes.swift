@@ -15,7 +15,12 @@ struct ResponsesRoutes {
     func handle(_ request: Request, connection: ClientConnection?) async throws -> Response {
         let responses = try await state.decodeBody(ResponsesRequest.self, of: request)
         try responses.validate()
-        let model = try state.models.model(named: responses.model)
+        return try await state.serve(model: responses.model, streaming: responses.isStreaming, dialect: .openAI) { model in
+            try await respond(to: responses, with: model, connection: connection)
+        }
+    }
+
+    func respond(to responses: ResponsesRequest, with model: LoadedModel, connection: ClientConnection?) async throws -> Response {
         let normalized = try responses.normalized(maxTokens: state.defaultMaxTokens(for: model),
                                                   maxWallMilliseconds: state.maxWallMilliseconds)
         try state.check(normalized, against: model)

@@ -37,6 +37,12 @@ public struct ServerConfiguration: Sendable {
     public var keepAliveInterval: Duration = .seconds(1)
     /// Requests that may wait for a model's slots, per model; past it, 429.
     public var maxQueue = 64
+    /// Model files here can be named in requests and load on first use, and `/v1/models`
+    /// lists them.
+    public var modelsDirectory: String?
+    /// How long a model may sit idle before it is unloaded, unless its load says
+    /// (`keep_alive`); nil keeps models loaded until unloaded by hand.
+    public var modelKeepAlive: Duration?
     /// A request that waited this long for a slot gets 503.
     public var queueTimeout: Duration = .seconds(300)
 

@@ -13,6 +13,8 @@ public final class ServerState: Sendable {
     private let stopping = Atomic<Bool>(false)
     /// The models `/metrics` showed last time, so that an unloaded one's gauges go to 0.
     let reportedModels = Mutex<Set<String>>([])
+    /// Loads from `--models-dir` in progress, by model id, shared by the requests that wait for them.
+    let onDemandLoads = Mutex<[String: Task<LoadedModel, any Error>]>([:])
     private let hurrying = Atomic<Bool>(false)
 
     public var plugins: PluginCatalog { models.plugins }

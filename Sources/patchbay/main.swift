@@ -4,6 +4,7 @@ import Hummingbird
 import Logging
 import Metrics
 import Prometheus
+import PatchbayCore
 import PatchbayServer
 import ServiceLifecycle
 
@@ -44,6 +45,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Largest audio file /v1/audio/transcriptions accepts, in MiB.") var maxAudioMb = 25
     @Option(help: "Requests that may wait for a busy model's slots, per model; past that, 429.") var maxQueue = 64
     @Option(help: "A request waiting this many seconds for a slot gets 503.") var queueTimeoutSeconds = 300.0
+    @Option(help: ArgumentHelp(
+        "Folder of model files that requests may name (by file name without extension): loaded on first use, listed by /v1/models.",
+        discussion: "Off unless set."))
+    var modelsDir: String?
+    @Option(help: "How long a model may sit idle before it is unloaded, unless its load says (keep_alive): seconds, or 30s, 5m, 1h; -1 keeps models loaded.")
+    var modelKeepAlive = "-1"
     @Option(help: "Wall-clock cap on one generation, in seconds.") var maxGenerationSeconds = 600
     @Option(help: "On SIGTERM/SIGINT, how long in-flight generations may finish before they are cancelled, in seconds.")
     var shutdownGraceSeconds = 10
@@ -61,6 +68,13 @@ struct Serve: AsyncParsableCommand {
         guard maxBodyMb > 0 else { throw ValidationError("--max-body-mb must be positive") }
         guard maxAudioMb > 0 else { throw ValidationError("--max-audio-mb must be positive") }
         guard maxQueue >= 0 else { throw ValidationError("--max-queue must not be negative") }
+        guard KeepAlive(parsing: modelKeepAlive) != nil else { throw ValidationError("--model-keep-alive must be seconds or a duration like 5m") }
+        if let modelsDir {
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: modelsDir, isDirectory: &isDirectory), isDirectory.boolValue else {
+                throw ValidationError("--models-dir \(modelsDir) is not a folder")
+            }
+        }
         guard queueTimeoutSeconds > 0 else { throw ValidationError("--queue-timeout-seconds must be positive") }
         guard maxGenerationSeconds > 0 else { throw ValidationError("--max-generation-seconds must be positive") }
         guard shutdownGraceSeconds >= 0 else { throw ValidationError("--shutdown-grace-seconds must not be negative") }
@@ -90,6 +104,8 @@ struct Serve: AsyncParsableCommand {
         configuration.maxBodyBytes = maxBodyMb * 1024 * 1024
         configuration.maxAudioBytes = maxAudioMb * 1024 * 1024
         configuration.maxQueue = maxQueue
+        configuration.modelsDirectory = modelsDir.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+        configuration.modelKeepAlive = KeepAlive(parsing: modelKeepAlive)?.idleLimit
         configuration.queueTimeout = .milliseconds(Int(queueTimeoutSeconds * 1000))
         configuration.maxGenerationDuration = .seconds(maxGenerationSeconds)
         configuration.shutdownGracePeriod = .seconds(shutdownGraceSeconds)
@@ -101,7 +117,8 @@ struct Serve: AsyncParsableCommand {
         // Graceful shutdown runs in reverse order: the drain first, then the HTTP server.
         let services = ServiceGroup(
             configuration: .init(
-                services: [.init(service: app), .init(service: GenerationDrain(state: state))],
+                services: [.init(service: app), .init(service: GenerationDrain(state: state)),
+                           .init(service: IdleModelUnloader(state: state))],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await services.run()

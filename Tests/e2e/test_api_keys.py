@@ -2,6 +2,8 @@
 themselves, so that a route added later is covered (and must be classified) without anyone
 remembering this test."""
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -10,12 +12,19 @@ from conftest import ROOT, Server
 
 ROUTE_SOURCES = ROOT / "Sources" / "PatchbayServer"
 
-# Open without a key, for health probes.
-OPEN = {("GET", "/health")}
+# The web page's static files (WebRoutes.swift): public GETs that carry no data; the page
+# asks for a key when an API call needs one.
+PAGE = {("GET", "/"), ("GET", "/ui/app.js"), ("GET", "/ui/markdown.js"), ("GET", "/ui/style.css"),
+        ("GET", "/ui/favicon.svg")}
+# Open without a key: health probes and the page.
+OPEN = {("GET", "/health")} | PAGE
 # The management routes: they change what runs on the machine or reveal its files, and need
 # the admin key when one is set (README, "Serving").
 MANAGEMENT = {("POST", "/api/inference/load"), ("POST", "/api/inference/unload"),
-              ("POST", "/api/inference/validate"), ("GET", "/api/plugins"), ("POST", "/api/plugins/load")}
+              ("POST", "/api/inference/validate"), ("GET", "/api/plugins"), ("POST", "/api/plugins/load"),
+              ("GET", "/metrics")}
+# Routes whose answer is not JSON: only their status is read.
+NOT_JSON = PAGE | {("GET", "/metrics")}
 # Routes outside /v1 that are deliberately not management: they need the API key only.
 API_ONLY = {("GET", "/api/inference/status"), ("GET", "/api/inference/load-progress"),
             ("POST", "/api/inference/cancel")}
@@ -67,6 +76,13 @@ def concrete(path: str) -> str:
 
 def call(server: Server, route, key_headers: dict) -> int:
     method, path = route
+    if route in NOT_JSON:
+        request = urllib.request.Request(server.base + path, headers=key_headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
     body = {} if method == "POST" else None
     return server.request(method, concrete(path), body, headers=key_headers, timeout=30)[0]
 
