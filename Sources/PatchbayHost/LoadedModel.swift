@@ -44,7 +44,7 @@ public final class LoadedModel: Sendable {
     }
     private let unloading = Mutex<Task<Void, Never>?>(nil)
 
-    init(id: String, modelPath: String, plugin: Plugin, handle: OpaquePointer, queueCapacity: Int = 64) {
+    init(id: String, modelPath: String, plugin: Plugin, handle: OpaquePointer, queueCapacity: Int? = 64) {
         self.id = id
         self.modelPath = modelPath
         self.plugin = plugin
@@ -60,7 +60,7 @@ public final class LoadedModel: Sendable {
         let modelCapabilities = info.capabilities == 0 ? plugin.capabilities : Capabilities(rawValue: info.capabilities)
         capabilities = modelCapabilities.intersection(plugin.capabilities)
         loadedAt = Date()
-        admission = AdmissionQueue(slots: details.parallelSlots, capacity: queueCapacity)
+        admission = AdmissionQueue(slots: queueCapacity == nil ? nil : details.parallelSlots, capacity: queueCapacity ?? 0)
     }
 
     /// Creates a run for a normalized request. Cheap; the engine starts in `Run.start()`.

@@ -36,12 +36,13 @@ public final class ModelRegistry: Sendable {
     public let plugins: PluginCatalog
     /// Plugin names in order of preference, for a file several plugins can load.
     public let backendPreference: [String]
-    /// How many requests may wait for each model's slots (`--max-queue`).
-    public let queueCapacity: Int
+    /// How many requests may wait for each model's slots (`--max-queue`); nil: no admission
+    /// queue, every request goes to the engine at once.
+    public let queueCapacity: Int?
     private let state = Mutex(State())
     private let logger: Logger
 
-    public init(plugins: PluginCatalog, logger: Logger, backendPreference: [String] = [], queueCapacity: Int = 64) {
+    public init(plugins: PluginCatalog, logger: Logger, backendPreference: [String] = [], queueCapacity: Int? = 64) {
         self.plugins = plugins
         self.logger = logger
         self.backendPreference = backendPreference

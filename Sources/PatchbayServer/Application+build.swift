@@ -11,7 +11,7 @@ public func buildApplication(state: ServerState) -> some ApplicationProtocol {
     let configuration = state.configuration
     let router = Router(context: PatchbayRequestContext.self)
     // Outermost: every request gets its id, its access-log line and its metric, refused ones too.
-    router.add(middleware: AccessLog(logger: state.logger, metrics: state.metrics, routes: knownRoutes))
+    router.add(middleware: AccessLog(logger: configuration.accessLog ? state.logger : nil, metrics: state.metrics, routes: knownRoutes))
     // Requests a web page must not make never reach a route or the key check.
     router.add(middleware: RequestGuard(policy: OriginPolicy(
         boundHost: configuration.host, allowedHosts: configuration.allowedHosts, corsOrigins: configuration.corsOrigins)))
@@ -25,7 +25,10 @@ public func buildApplication(state: ServerState) -> some ApplicationProtocol {
             : JSONResponse.value(.object([("status", .string("ok")), ("plugins", .int(Int64(state.plugins.plugins.count))),
                                           ("models", .int(Int64(state.models.models.count)))]))
     }
-    router.get("/metrics") { _, _ in state.metricsResponse() }
+    router.get("/metrics") { _, _ in
+        guard state.metrics.registry != nil else { throw APIError.notFound("Metrics are off (--no-metrics).", code: "metrics_off") }
+        return state.metricsResponse()
+    }
     ChatCompletionsRoutes(state: state).register(on: router)
     MessagesRoutes(state: state).register(on: router)
     CompletionsRoutes(state: state).register(on: router)

@@ -37,7 +37,6 @@ extension ServerState.AvailableModel {
             ("owned_by", .string("patchbay")),
             ("loaded", .bool(false)),
             ("backend", .string(backend)),
-            ("model_path", .string(path)),
         ])
     }
 }

@@ -172,7 +172,8 @@ public struct ServerMetrics: Sendable {
 /// client when it is sane, generated otherwise, echoed in the response, and handed to the
 /// plugin with the run, which names it in its own log lines.
 struct AccessLog<Context: RequestContext>: RouterMiddleware {
-    let logger: Logger
+    /// nil: no log lines (--no-access-log), the id and the metrics still.
+    let logger: Logger?
     let metrics: ServerMetrics
     let routes: Set<String>
 
@@ -188,12 +189,18 @@ struct AccessLog<Context: RequestContext>: RouterMiddleware {
         let route = routes.contains(request.uri.path) ? request.uri.path : "unmatched"
         let method = request.method.rawValue
         let dialect = "\(Dialect(path: request.uri.path))"
-        response.body = ResponseBody(contentLength: body.contentLength) { writer in
-            defer {
-                let duration = ContinuousClock.now - record.started
-                metrics.request(route: route, dialect: dialect, status: status, duration: duration)
-                Self.log(record, method: method, route: route, status: status, duration: duration, to: logger)
-            }
+        let done: @Sendable () -> Void = {
+            let duration = ContinuousClock.now - record.started
+            metrics.request(route: route, dialect: dialect, status: status, duration: duration)
+            if let logger { Self.log(record, method: method, route: route, status: status, duration: duration, to: logger) }
+        }
+        // A body of known length is complete already; a streamed one is logged once written.
+        guard body.contentLength == nil else {
+            done()
+            return response
+        }
+        response.body = ResponseBody { writer in
+            defer { done() }
             try await body.write(writer)
         }
         return response

@@ -37,6 +37,10 @@ public struct ServerConfiguration: Sendable {
     public var keepAliveInterval: Duration = .seconds(1)
     /// Requests that may wait for a model's slots, per model; past it, 429.
     public var maxQueue = 64
+    /// false: every request goes to its engine at once, which queues (or refuses) by itself.
+    public var admissionQueue = true
+    /// One log line per request.
+    public var accessLog = true
     /// Model files here can be named in requests and load on first use, and `/v1/models`
     /// lists them.
     public var modelsDirectory: String?

@@ -28,7 +28,7 @@ public final class ServerState: Sendable {
         let plugins = PluginCatalog(logger: logger)
         for directory in configuration.pluginDirectories { plugins.discover(in: directory) }
         models = ModelRegistry(plugins: plugins, logger: logger, backendPreference: configuration.backendPreference,
-                               queueCapacity: configuration.maxQueue)
+                               queueCapacity: configuration.admissionQueue ? configuration.maxQueue : nil)
         cancels = CancelRegistry()
         metrics.pluginRefused(count: plugins.refusals.count)
     }

@@ -45,6 +45,10 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Largest audio file /v1/audio/transcriptions accepts, in MiB.") var maxAudioMb = 25
     @Option(help: "Requests that may wait for a busy model's slots, per model; past that, 429.") var maxQueue = 64
     @Option(help: "A request waiting this many seconds for a slot gets 503.") var queueTimeoutSeconds = 300.0
+    @Flag(help: "No admission queue: every request goes to its engine at once (which queues or refuses by itself).")
+    var noAdmissionQueue = false
+    @Flag(help: "No metrics: GET /metrics answers 404 and nothing is recorded.") var noMetrics = false
+    @Flag(help: "No access-log line per request.") var noAccessLog = false
     @Option(help: ArgumentHelp(
         "Folder of model files that requests may name (by file name without extension): loaded on first use, listed by /v1/models.",
         discussion: "Off unless set."))
@@ -87,8 +91,8 @@ struct Serve: AsyncParsableCommand {
     func run() async throws {
         if logFormat == "json" { LoggingSystem.bootstrap { JSONLogHandler(label: $0) } }
         // Every metric the server records goes to this registry, which GET /metrics shows.
-        let metricsRegistry = PrometheusCollectorRegistry()
-        MetricsSystem.bootstrap(ServerMetrics.factory(registry: metricsRegistry))
+        let metricsRegistry = noMetrics ? nil : PrometheusCollectorRegistry()
+        if let metricsRegistry { MetricsSystem.bootstrap(ServerMetrics.factory(registry: metricsRegistry)) }
         var logger = Logger(label: "patchbay")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
         var configuration = ServerConfiguration()
@@ -104,6 +108,8 @@ struct Serve: AsyncParsableCommand {
         configuration.maxBodyBytes = maxBodyMb * 1024 * 1024
         configuration.maxAudioBytes = maxAudioMb * 1024 * 1024
         configuration.maxQueue = maxQueue
+        configuration.admissionQueue = !noAdmissionQueue
+        configuration.accessLog = !noAccessLog
         configuration.modelsDirectory = modelsDir.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
         configuration.modelKeepAlive = KeepAlive(parsing: modelKeepAlive)?.idleLimit
         configuration.queueTimeout = .milliseconds(Int(queueTimeoutSeconds * 1000))
@@ -114,11 +120,12 @@ struct Serve: AsyncParsableCommand {
 
         let state = ServerState(configuration: configuration, logger: logger, metricsRegistry: metricsRegistry)
         let app = buildApplication(state: state)
-        // Graceful shutdown runs in reverse order: the drain first, then the HTTP server.
+        // Graceful shutdown runs in reverse order: the drain first (at once: new generations
+        // get 503), then the idle unloader, then the HTTP server.
         let services = ServiceGroup(
             configuration: .init(
-                services: [.init(service: app), .init(service: GenerationDrain(state: state)),
-                           .init(service: IdleModelUnloader(state: state))],
+                services: [.init(service: app), .init(service: IdleModelUnloader(state: state)),
+                           .init(service: GenerationDrain(state: state))],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await services.run()

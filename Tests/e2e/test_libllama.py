@@ -612,19 +612,23 @@ def test_a_prefill_cancel_beside_a_stream_leaves_its_answer_as_it_was_alone(host
 
 
 def test_cancel_while_waiting_for_a_slot(host, client):
+    """A model with one slot: the second request waits in the host's line, and its cancel takes it
+    out of line at once without touching the run in the slot. (Its run is then created already
+    cancelled, so the client gets a cancelled run's usual answer; the engine does no work for it.)"""
     load(host, "one-slot", n_parallel=1, max_seq_length=2048)
     try:
         holder, holding = start_stream(client, "one-slot", "slot-holder", LONG_ANSWER, max_tokens=1500)
         wait_for(lambda: holding["chunks"] >= 3, 60, "the slot holder's first tokens")
+        engine_lines = len(cancel_lines(host))
         queued, waiting = start_stream(client, "one-slot", "slot-queued", CAPITAL, max_tokens=20)
-        # A waiting run hears from the engine every second (prompt progress: 0 of its total).
-        wait_for(lambda: waiting["total"] > 0, 10, "the queued run's progress")
-        assert waiting["chunks"] == 0 and holding["finish"] is None
-
-        line = cancel_and_read_the_engine(host, "slot-queued")
-        assert line["phase"] == "while waiting for a slot" and line["generated"] == "0", line.group(0)
+        # In line, the stream hears keep-alive comments; no engine work, so no progress.
+        wait_for(lambda: host.active_generations() == 2, 10, "the second request to be registered")
+        status, body = host.post("/api/inference/cancel", {"cancel_id": "slot-queued"})
+        assert status == 200 and body == {"cancelled": 1}, body
         queued.join(10)
         assert waiting["chunks"] == 0 and waiting["finish"] == "stop", waiting
+        new = cancel_lines(host)[engine_lines:]
+        assert len(new) == 1 and new[0]["generated"] == "0" and new[0]["done"] is None, [m.group(0) for m in new]
         assert holding["finish"] is None, "the cancel of the queued run ended the one in the slot"
 
         line = cancel_and_read_the_engine(host, "slot-holder")
