@@ -223,3 +223,23 @@ build_whisper_plugin() {
         || { tail -30 "$build.log"; return 1; }
     cmake --build "$build" -j"$(nproc)" >>"$build.log" 2>&1 || { tail -40 "$build.log"; return 1; }
 }
+
+# --- The plugin templates (Examples/RustPlugin, Examples/SwiftPlugin) ----------------------
+
+# Builds the Rust and Swift plugin templates into $1 with their own build.sh, from the ABI
+# header alone, as a backend author would: librust_template_plugin.so (only when cargo is
+# installed; Tests/e2e/test_templates.py then fails for want of it under scripts/test) and
+# libswift_template_plugin.so. Their names do not match libPatchbay*Plugin.so, so
+# assemble_plugin_dir leaves them out of scripts/run's plugin folder.
+build_template_plugins() {
+    local out_dir="$1" header="Sources/CPatchbayABI/include/patchbay.h"
+    echo "==> building the plugin templates"
+    if command -v cargo >/dev/null; then
+        Examples/RustPlugin/build.sh "$header" "$out_dir" >"$out_dir/rust-template-build.log" 2>&1 \
+            || { tail -30 "$out_dir/rust-template-build.log"; return 1; }
+    else
+        echo "    cargo is not installed: skipping the Rust template (install Rust to build and test it)"
+    fi
+    Examples/SwiftPlugin/build.sh "$header" "$out_dir" >"$out_dir/swift-template-build.log" 2>&1 \
+        || { tail -30 "$out_dir/swift-template-build.log"; return 1; }
+}
