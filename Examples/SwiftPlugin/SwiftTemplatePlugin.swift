@@ -186,6 +186,8 @@ final class Run {
             throw Failure(PB_ERR_CONTEXT_LENGTH_EXCEEDED,
                           "the prompt (\(promptTokens) tokens) exceeds the context (\(model.contextLength) tokens)")
         }
+        // THE ENGINE: what this template "generates", worked out up front. Your backend's own
+        // engine goes here and in run_execute's loop (which would decode one token per step).
         let reply = model.reply ?? (lastUser.allSatisfy(\.isWhitespace) ? "(nothing to echo)" : lastUser)
         words = tokens(reply)
         // Always present (the host applies its default); the context bounds it anyway.

@@ -6,7 +6,8 @@
 # The header is copied beside module.modulemap into OUT_DIR/swift_template_plugin-build/include,
 # which is how Swift imports a C header (`import CPatchbay`). The linker version script
 # exports.map keeps every symbol but pb_plugin_entry out of the dynamic symbol table.
-# Rename LIB below when you rename the plugin.
+# Rename LIB below when you rename the plugin (letters, digits and _ only: it is also the
+# Swift module name).
 set -euo pipefail
 LIB=swift_template_plugin
 [[ $# -eq 2 ]] || { echo "usage: $0 PATH/TO/patchbay.h OUT_DIR" >&2; exit 2; }

@@ -42,7 +42,7 @@ const NAME: &CStr = c"rust-template"; // unique among the host's plugins; what `
 const VERSION: &CStr = c"0.1.0";
 const DESCRIPTION: &CStr = c"Rust template: streams a scripted reply (or an echo) word by word";
 const MODEL_FORMATS: &CStr = c"rsmodel"; // the file extensions it claims, comma-separated
-const ARCHITECTURE: &CStr = c"rust-template";
+const ARCHITECTURE: &CStr = c"rust-template"; // model_info's architecture
 /// How many runs of one model may decode at once (model_info's parallel_slots): the host
 /// queues the rest. Each run here decodes on its own host thread, so any number would do.
 const PARALLEL_SLOTS: i32 = 4;
@@ -222,6 +222,8 @@ fn prepare_run(model: &Model, request_json: &str) -> Result<Run, Failure> {
             format!("the prompt ({prompt_tokens} tokens) exceeds the context ({} tokens)", model.context_length),
         ));
     }
+    // THE ENGINE: what this template "generates", worked out up front. Your backend's own
+    // engine goes here and in run_execute's loop (which would decode one token per step).
     let reply = match &model.reply {
         Some(reply) => reply.clone(),
         None if last_user.trim().is_empty() => "(nothing to echo)".to_string(),
@@ -424,7 +426,7 @@ unsafe extern "C" fn run_destroy(run: *mut pb_run) {
 
 unsafe extern "C" fn shutdown() {
     // ABI 1.1, optional: the host exits. This plugin has no threads or global state to stop.
-    log(PB_LOG_INFO, "rust-template plugin shut down");
+    log(PB_LOG_INFO, &format!("{} plugin shut down", NAME.to_string_lossy()));
 }
 
 // ─── The table and the entry point ────────────────────────────────────────────────────
