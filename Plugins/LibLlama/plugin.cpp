@@ -446,7 +446,12 @@ int32_t lib_probe(const char *model_path, char *detail, size_t detail_size) {
     return 50;
 }
 
-void lib_shutdown(void) { llama_backend_free(); }
+// Every model is unloaded: stop llama.cpp's own threads too. common's log worker starts with
+// the first message logged through it (a failed load logs one) and would outlive the plugin.
+void lib_shutdown(void) {
+    common_log_pause(common_log_main());
+    llama_backend_free();
+}
 
 const pb_plugin_api libllama_api = {
     /* struct_size */ sizeof(pb_plugin_api),
