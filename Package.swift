@@ -57,15 +57,20 @@ let package = Package(
             // The web chat page (WebRoutes.swift): plain HTML, CSS and JavaScript, served as is.
             resources: [.copy("Web")]
         ),
+        // `patchbay plugin check`: runs a plugin library through the whole ABI contract, as its own host.
+        .target(name: "PatchbayConformance", dependencies: ["CPatchbayABI"], path: "Sources/PatchbayConformance"),
         .executableTarget(
             name: "patchbay",
             dependencies: [
-                "PatchbayServer", "PatchbayCore",
+                "PatchbayServer", "PatchbayCore", "PatchbayConformance",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],
-            path: "Sources/patchbay"
+            path: "Sources/patchbay",
+            // main.swift holds the @main command; with a second file in the target SwiftPM no
+            // longer parses it as a library by itself.
+            swiftSettings: [.unsafeFlags(["-parse-as-library"])]
         ),
         // Plugins: plain C against the ABI header, each built into its own shared library
         // that exports nothing but `pb_plugin_entry`.

@@ -13,7 +13,7 @@ struct Patchbay: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "patchbay",
         abstract: "A local inference server with pluggable backends.",
-        subcommands: [Serve.self],
+        subcommands: [Serve.self, PluginCommand.self],
         defaultSubcommand: Serve.self)
 }
 
