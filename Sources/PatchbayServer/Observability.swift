@@ -109,10 +109,21 @@ public struct ServerMetrics: Sendable {
     }
 
     func request(route: String, dialect: String, status: Int, duration: Duration) {
-        Counter(label: "patchbay_http_requests_total", dimensions: [("route", route), ("dialect", dialect), ("status", String(status))])
-            .increment()
-        Metrics.Timer(label: "patchbay_http_request_duration_seconds", dimensions: [("route", route)]).record(duration: duration)
+        let (requests, durations) = Self.requestMetrics.withLock { cache in
+            let key = "\(route) \(dialect) \(status)"
+            if let made = cache[key] { return made }
+            let made = (Metrics.Counter(label: "patchbay_http_requests_total", dimensions: [("route", route), ("dialect", dialect), ("status", String(status))]),
+                        Metrics.Timer(label: "patchbay_http_request_duration_seconds", dimensions: [("route", route)]))
+            cache[key] = made
+            return made
+        }
+        requests.increment()
+        durations.record(duration: duration)
     }
+
+    /// The per-request metrics, made once per label set: making one goes through the
+    /// registry's lock and name checks, too dear for every request.
+    private static let requestMetrics = Mutex<[String: (Metrics.Counter, Metrics.Timer)]>([:])
 
     /// A run's end: its time to first token, its tokens and its speed.
     func run(model: String, usage: Usage?, timeToFirstToken: Duration?, decodeTime: Duration?) {

@@ -25,6 +25,7 @@ final class RunLease: Sendable {
     private let heartbeat: Task<Void, Never>
     private let record: RequestRecord?
     private let metrics: ServerMetrics
+    private let sawOutput = Atomic<Bool>(false)
 
     /// Takes over from `PendingRun`: its cancel registration, its cancel target and its hook
     /// on the connection, and the model slot its ticket holds, given back when the run ends.
@@ -152,11 +153,22 @@ final class RunLease: Sendable {
 
 extension RunLease {
     /// Feeds the access-log record, and at the run's end its metrics.
+    /// Only the first output matters (time to first token), then usage and the end: the
+    /// tokens in between are skipped without touching the record's lock.
     private func observe(_ events: [GenerationEvent]) {
         guard let record else { return }
         for event in events {
-            record.observe(event)
-            if event.isTerminal { record.reportRun(to: metrics) }
+            switch event {
+            case .content, .reasoning, .toolCall, .segment:
+                if sawOutput.load(ordering: .relaxed) { continue }
+                sawOutput.store(true, ordering: .relaxed)
+                record.observe(event)
+            case .progress, .timings, .language:
+                continue
+            case .usage, .finish, .error:
+                record.observe(event)
+                if event.isTerminal { record.reportRun(to: metrics) }
+            }
         }
     }
 
