@@ -12,7 +12,11 @@ final class CheckRun: @unchecked Sendable {
     let sink: UnsafeMutablePointer<pb_event_sink>
     private let sinkSize: Int
     private let guarded: Bool
-    private(set) var handle: OpaquePointer?
+    /// The plugin's run, from run_create on. Behind a pthread lock (NSLock), so that a thread
+    /// that cancels sees the run its creator made, also to ThreadSanitizer (Swift's own Mutex
+    /// and atomics are invisible to it).
+    private let handleBox = Box<OpaquePointer?>(nil)
+    var handle: OpaquePointer? { handleBox.value }
     /// Cancels in flight, and whether destroy began: cancels really run concurrently (no lock
     /// around run_cancel), and destroy waits for those in flight.
     private let cancelsInFlight = Atomic<Int>(0)
@@ -48,7 +52,7 @@ final class CheckRun: @unchecked Sendable {
         }
         if status == Int32(PB_OK) {
             if handle == nil { recorder.note("events", "run_create returned PB_OK without a run") }
-            self.handle = handle
+            handleBox.value = handle
             return (status, "")
         }
         return (status, WorkerContext.message(in: error, size: errorSize))

@@ -138,7 +138,7 @@ public struct Checker {
         if let poisoned = outcome.messages.first(where: { $0.t == .poisoned })?.detail { parts.append(poisoned) }
         parts.append(outcome.ending)
         let tail = outcome.stderrTail.filter { !$0.isEmpty }.suffix(3)
-        if outcome.fault == nil && !tail.isEmpty { parts.append("last output: \(tail.joined(separator: " | "))") }
+        if outcome.fault == nil && outcome.sanitizerReports.isEmpty && !tail.isEmpty { parts.append("last output: \(tail.joined(separator: " | "))") }
         return parts.joined(separator: "; ")
     }
 

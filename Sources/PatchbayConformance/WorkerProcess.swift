@@ -69,18 +69,30 @@ struct WorkerProcess {
         var stderrTail: [String] = []
         var killed: String?
 
+        /// A finished sanitizer report counts when it is the plugin's (see isPluginReport).
+        func keep(_ report: (clause: String, lines: [String])) {
+            guard Self.isPluginReport(report.lines) else {
+                if verbose { FileHandle.standardError.write(Data("patchbay plugin check: ignored a sanitizer report about the checker's own (uninstrumented) code\n".utf8)) }
+                return
+            }
+            if outcome.sanitizerReports[report.clause] == nil { outcome.sanitizerReports[report.clause] = Self.summarize(report.lines) }
+        }
+
         func handle(line: String, from fd: Int32) {
             if fd == err[0] {
                 if verbose { FileHandle.standardError.write(Data("  │ \(line)\n".utf8)) }
                 stderrTail.append(line)
                 if stderrTail.count > 40 { stderrTail.removeFirst() }
                 if Self.startsSanitizerReport(line) {
+                    if let open = report { keep(open) }
                     report = (current ?? outcome.messages.last?.clause ?? "(exit)", [line])
-                } else if var open = report, open.lines.count < 40 {
+                    if line.contains("runtime error:") { keep(report!); report = nil }  // UBSan: one line
+                } else if var open = report {
                     open.lines.append(line)
                     report = open
-                    if line.isEmpty || open.lines.count == 40 {
-                        outcome.sanitizerReports[open.clause] = outcome.sanitizerReports[open.clause] ?? Self.summarize(open.lines)
+                    if line.hasPrefix("SUMMARY:") || open.lines.count >= 200 {
+                        keep(open)
+                        report = nil
                     }
                 }
                 return
@@ -128,9 +140,7 @@ struct WorkerProcess {
                 kill(-pid, SIGKILL)
             }
         }
-        if let open = report, outcome.sanitizerReports[open.clause] == nil {
-            outcome.sanitizerReports[open.clause] = Self.summarize(open.lines)
-        }
+        if let open = report { keep(open) }
         var status: Int32 = 0
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
         let signal = status & 0x7f
@@ -153,11 +163,30 @@ struct WorkerProcess {
             || line.contains("ERROR: LeakSanitizer") || line.contains("runtime error:") || line.contains("ERROR: UndefinedBehaviorSanitizer")
     }
 
-    /// The report's first line and its first stack frames.
+    /// Frames of the checker, the Swift runtime, the sanitizer and the C libraries: a report
+    /// whose frames are all such is about the checker's own uninstrumented code (the Swift
+    /// runtime synchronizes in ways ThreadSanitizer cannot see), not the plugin.
+    static let hostFrameMarkers = ["libswift", "libFoundation", "libdispatch", "libBlocksRuntime", "/Sources/PatchbayConformance/",
+                                   "$s", "(patchbay+", "libtsan.so", "libasan.so", "libubsan.so", "libsanitizer", "sanitizer_common",
+                                   "libc.so", "libstdc++.so", "libgcc_s.so", "libm.so", "ld-linux"]
+
+    static func isPluginReport(_ lines: [String]) -> Bool {
+        if lines.count == 1 { return !hostFrameMarkers.contains { lines[0].contains($0) } }
+        let frames = lines.filter { $0.range(of: #"^\s*#\d+ "#, options: .regularExpression) != nil }
+        guard !frames.isEmpty else { return true }
+        return frames.contains { frame in !hostFrameMarkers.contains { frame.contains($0) } }
+    }
+
+    /// The report's first line and its first stack frames, without addresses and pids.
     static func summarize(_ lines: [String]) -> String {
-        let frames = lines.dropFirst().filter { $0.trimmingCharacters(in: .whitespaces).hasPrefix("#") }.prefix(4)
-            .map { $0.trimmingCharacters(in: .whitespaces) }
-        return ([lines[0].trimmingCharacters(in: .whitespaces)] + frames).joined(separator: " | ")
+        func clean(_ line: String) -> String {
+            line.replacingOccurrences(of: #"==\d+=="#, with: "", options: .regularExpression)
+                .replacingOccurrences(of: #" (on address|at pc|bp|sp|of size \d+ at) 0x[0-9a-f]+"#, with: "", options: .regularExpression)
+                .replacingOccurrences(of: #"#(\d+) 0x[0-9a-f]+ in "#, with: "#$1 ", options: .regularExpression)
+                .trimmingCharacters(in: .whitespaces)
+        }
+        let frames = lines.dropFirst().filter { $0.trimmingCharacters(in: .whitespaces).hasPrefix("#") }.prefix(3).map(clean)
+        return ([clean(lines[0])] + frames).joined(separator: " | ")
     }
 
     static func signalName(_ signal: Int32) -> String {

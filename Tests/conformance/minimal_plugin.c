@@ -148,7 +148,16 @@ static pb_status min_run_create(pb_model *model, const char *request_json, pb_ru
     json_value *request = json_parse(request_json);
     if (!request || request->kind != JSON_OBJECT) {
         json_free(request);
+#ifdef BROKEN_HEAP_OVERFLOW
+        /* The bug: the message is built in a heap buffer one byte too small (its NUL). */
+        const char *text = "the request is not a JSON object";
+        char *copy = malloc(strlen(text));
+        strcpy(copy, text);
+        set_error(error, error_size, "%s", copy);
+        free(copy);
+#else
         set_error(error, error_size, "the request is not a JSON object");
+#endif
         return PB_ERR_INVALID_REQUEST;
     }
     const char *kind = json_get_string(request, "kind");
