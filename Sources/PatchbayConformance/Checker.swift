@@ -20,6 +20,9 @@ public struct Checker {
         executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
     }
 
+    /// Every clause and what it checks ("run[K]": one per request kind the plugin claims).
+    public static var clauseDescriptions: [(clause: String, checks: String)] { Clauses.descriptions.map { ($0.0, $0.1) } }
+
     /// Everything the check found.
     public struct Report: Sendable {
         public var pluginPath: String
@@ -69,7 +72,11 @@ public struct Checker {
                 done.insert(clause)
                 if plan == nil { stoppedBecause = "it did not get past \(clause)"; break }
             } else if !outcome.messages.contains(where: { $0.t == .poisoned }) {
-                stoppedBecause = plan == nil ? "the checker could not start the plugin (\(outcome.ending))" : "the worker ended early (\(outcome.ending))"
+                if plan == nil, let failed = ["load-library", "entry"].first(where: { results[$0]?.verdict == .fail }) {
+                    stoppedBecause = "the plugin did not get past \(failed)"
+                } else {
+                    stoppedBecause = plan == nil ? "the checker could not start the plugin (\(outcome.ending))" : "the worker ended early (\(outcome.ending))"
+                }
                 break
             }
         }

@@ -47,7 +47,7 @@ enum Clauses {
     static let perKind = ["run", "cancel-before-execute", "cancel-after-first-event", "cancel-during-prefill", "cancel-after-end",
                           "cancel-concurrent", "destroy-without-execute", "concurrent-runs"]
     /// The main worker's last clauses.
-    static let closing = ["batching-sink", "unload-after-runs", "load-unload-cycles", "shutdown"]
+    static let closing = ["batching-sink", "blocking-sink", "unload-after-runs", "load-unload-cycles", "shutdown"]
     /// Each runs in a process of its own (see Worker.Group).
     static let structBounds = "struct-bounds"
     static let host10 = "host-1.0"
@@ -90,7 +90,7 @@ enum Clauses {
         ("run[K]", "a run of kind K ends normally, with the events K calls for"),
         ("cancel-before-execute[K]", "a run cancelled before run_execute ends at once with FINISH/CANCELLED"),
         ("cancel-after-first-event[K]", "cancel right after the first event, from another thread and from inside on_event"),
-        ("cancel-during-prefill[K]", "cancel during prompt processing of a long prompt (long audio) ends the run promptly"),
+        ("cancel-during-prefill[K]", "cancel during prompt processing of a long prompt (long audio) ends the run promptly; 1.1: progress at least every second meanwhile"),
         ("cancel-after-end[K]", "cancel after the run ended has no effect"),
         ("cancel-concurrent[K]", "many cancels at once from several threads, during and after the run"),
         ("destroy-without-execute[K]", "run_destroy without run_execute, with and without a cancel"),
@@ -101,6 +101,7 @@ enum Clauses {
         ("cancel-returns-promptly", "every run_cancel call returned promptly ([non-blocking])"),
         ("non-blocking-calls", "run_create, run_destroy, model_info and probe returned promptly ([non-blocking])"),
         ("batching-sink", "PB_FLAG_BATCHING: a run whose client is behind (backlog) is paused, the others go on, cancel still ends it"),
+        ("blocking-sink", "no PB_FLAG_BATCHING: while on_event blocks (a client behind), run_cancel from another thread returns, and the run then ends"),
         ("unload-after-runs", "unload after finished, cancelled and never-executed runs returns and leaves no process of the model"),
         ("load-unload-cycles", "load/run/unload cycles leak no threads, file descriptors or child processes"),
         ("shutdown", "shutdown returns and stops the plugin's threads"),

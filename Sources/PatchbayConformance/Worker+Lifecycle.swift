@@ -1,5 +1,7 @@
 import CPatchbayABI
+import Dispatch
 import Foundation
+import Synchronization
 
 /// The clauses about the sink of a batching engine and about the plugin's lifetime: unload,
 /// load/unload cycles, shutdown.
@@ -68,6 +70,65 @@ extension Worker {
         let detail = "backlog_limit \(limit): the run behind got \(before) outputs (\(pastLimit) past the limit, backlog asked \(slow.recorder.backlogCalls) times) "
             + "while the other got \(fastOutputs); it resumed when read, and a cancel while paused ended it (\(cancelOutcome(slow)))"
         return problems.isEmpty ? .pass(clause, detail) : .fail(clause, problems.joined(separator: "; "))
+    }
+
+    /// Without PB_FLAG_BATCHING on_event may block while the run's client is behind, and the
+    /// host releases it only after run_cancel returns (Run.cancel, EventChannel.release): a
+    /// plugin whose run_cancel waits for a lock held over on_event would hang the host.
+    func blockingSink() -> ClauseResult {
+        let clause = "blocking-sink"
+        guard !library!.isBatching else {
+            return .na(clause, "PB_FLAG_BATCHING: on_event never blocks for this plugin (batching-sink checks what it does instead)")
+        }
+        guard let kind = library!.kinds.first else { return .na(clause, "the plugin claims no request kind") }
+        let model: CheckModel
+        switch requireModel(clause) {
+        case .success(let loaded): model = loaded
+        case .failure(let result): return result
+        }
+        let run = newRun(clause, "on_event held, then cancelled", kind, on: model)
+        guard run.create(context.workload.request(kind, .long, id: context.nextRunID())).status == Int32(PB_OK) else {
+            return .fail(clause, "run_create refused the request")
+        }
+        let held = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+        let holding = Atomic<Bool>(false)
+        run.recorder.onEvent { event, _ in
+            guard event.isOutput, !holding.exchange(true, ordering: .relaxed) else { return }
+            held.signal()
+            _ = release.wait(timeout: .now() + 60)
+        }
+        run.start()
+        let endLimit = context.cancelToEndLimitMilliseconds / 1000 + 60
+        guard held.wait(timeout: .now() + runLimitSeconds) == .success else {
+            run.cancel()
+            guard run.wait(seconds: endLimit) else { return .fail(clause, "run_execute did not return") }
+            retire(run)
+            return .na(clause, "the run produced no output in \(Int(runLimitSeconds)) s, so no on_event could be held")
+        }
+        // on_event is held on the plugin's thread. Cancel from here; on_event is let go when the
+        // cancel returns, or after a while if it does not.
+        let patience = 4000 * context.options.timeScale
+        let cancelled = DispatchSemaphore(value: 0)
+        let releasedAt = Box<Double>(0)
+        let releaser = CheckThread("pbcheck-release") {
+            _ = cancelled.wait(timeout: .now() + patience / 1000)
+            releasedAt.value = nowMilliseconds()
+            release.signal()
+        }
+        let started = nowMilliseconds()
+        run.cancel()
+        let returned = nowMilliseconds()
+        cancelled.signal()
+        releaser.wait(seconds: .infinity)
+        guard run.wait(seconds: endLimit) else { return .fail(clause, "run_execute did not return after on_event was let go and the run cancelled") }
+        run.recorder.onEvent(nil)
+        retire(run)
+        if returned >= releasedAt.value {
+            return .fail(clause, "run_cancel returned only after the held on_event was let go (\(formatMilliseconds(returned - started))): "
+                         + "it waits for something on_event holds, and the host lets on_event go only after run_cancel returns")
+        }
+        if let problem = cancelProblem(run, "cancelled while on_event was held") { return .fail(clause, problem) }
+        return .pass(clause, "run_cancel returned in \(formatMilliseconds(returned - started)) while on_event was held; once let go: \(cancelOutcome(run))")
     }
 
     func unloadAfterRuns() -> ClauseResult {

@@ -138,14 +138,14 @@ extension Worker {
         let widened = full.capabilities & ~context.table.capabilities
         if widened != 0 { notes.append(String(format: "claims capabilities 0x%llx its plugin does not (the host ignores them)", widened)) }
         // [any-thread]: the same answer from several threads at once.
-        let answers = SharedList<[UInt8]>()
+        let answers = SharedList<String>()
         let threads = (0..<4).map { _ in
             CheckThread("pbcheck-info") { [context] in
                 for _ in 0..<10 {
                     var info = pb_model_info()
                     info.struct_size = UInt32(fullSize)
                     context!.time("model_info") { table.model_info(model.handle, &info) }
-                    answers.append(withUnsafeBytes(of: &info) { Array($0) })
+                    answers.append(Self.describe(info))  // fields, not bytes: padding may hold anything
                 }
             }
         }
@@ -153,11 +153,18 @@ extension Worker {
             context.poison("model_info did not return")
             return .fail(clause, "model_info from several threads at once did not return within \(Int(context.seconds(30))) s")
         }
-        if Set(answers.all).count > 1 { problems.append("model_info answers differ when asked from several threads at once") }
+        let distinct = Set(answers.all + [Self.describe(full)])
+        if distinct.count > 1 { problems.append("model_info answers differ when asked from several threads at once: \(distinct.sorted().prefix(3).joined(separator: " / "))") }
         let detail = "context \(full.context_length), slots \(full.parallel_slots), training context \(full.training_context_length), "
             + "\(full.parameter_count) parameters, \(full.size_bytes) bytes, architecture \(architecture); writes stay inside struct_size \(size10), \(sizeMid) and \(fullSize)"
             + (notes.isEmpty ? "" : "; note: \(notes.joined(separator: "; "))")
         return problems.isEmpty ? .pass(clause, detail) : .fail(clause, problems.joined(separator: "; "))
+    }
+
+    /// A model_info answer's values (the architecture by its text: the pointer may differ).
+    static func describe(_ info: pb_model_info) -> String {
+        "\(info.context_length) \(info.capabilities) \(info.parallel_slots) \(info.embedding_dimensions) \(info.training_context_length) "
+            + "\(info.parameter_count) \(info.size_bytes) \(info.architecture.map { String(cString: $0) } ?? "NULL")"
     }
 
     /// The pb_model_info field at a byte offset, for a message.

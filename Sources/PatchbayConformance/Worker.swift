@@ -150,6 +150,7 @@ public final class Worker {
         case "model-info": return modelInfo()
         case "error-buffers": return errorBuffers()
         case "batching-sink": return batchingSink()
+        case "blocking-sink": return blockingSink()
         case "unload-after-runs": return unloadAfterRuns()
         case "load-unload-cycles": return loadUnloadCycles()
         case "shutdown": return shutdown()

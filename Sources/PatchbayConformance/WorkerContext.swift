@@ -18,7 +18,8 @@ final class WorkerContext: @unchecked Sendable {
     private let calls = Mutex<[String: CallStat]>([:])
     /// Set when a plugin call never returned: its thread still holds plugin state, so this
     /// worker stops after the clause and the checker starts a fresh one for the rest.
-    private(set) var poisoned: String?
+    var poisoned: String? { poison.withLock { $0 } }
+    private let poison = Mutex<String?>(nil)
 
     /// The model most clauses share, loaded on first use.
     private var mainModel: CheckModel?
@@ -62,8 +63,9 @@ final class WorkerContext: @unchecked Sendable {
         output.send(.result(result))
     }
 
+    /// Called from any thread that gave up waiting for the plugin.
     func poison(_ why: String) {
-        if poisoned == nil { poisoned = why }
+        poison.withLock { if $0 == nil { $0 = why } }
     }
 
     /// Runs a plugin call, recording how long it took under `name`.

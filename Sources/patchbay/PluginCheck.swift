@@ -23,7 +23,7 @@ extension PluginCommand {
                 into the workers (see README, "Checking a plugin").
                 """)
 
-        @Argument(help: "The plugin library (.so).") var path: String
+        @Argument(help: "The plugin library (.so).") var path: String?
         @Option(help: ArgumentHelp(
             "The model to load.",
             discussion: "Without it, a plugin of the reference engine's .ref format gets a model the checker writes; for others the clauses that need a model are not applicable."))
@@ -36,6 +36,7 @@ extension PluginCommand {
         @Option(help: "Preload these libraries into the workers (default: the sanitizer runtime the plugin needs, if any).") var preload: [String] = []
         @Flag(help: "Print the verdicts as JSON.") var json = false
         @Flag(help: "Show the plugin's log lines and the workers' progress on standard error.") var verbose = false
+        @Flag(help: "List the clauses and what each checks, and exit.") var listClauses = false
 
         @Option(help: .hidden) var workerGroup: String?
         @Option(help: .hidden) var workerDir: String?
@@ -43,9 +44,17 @@ extension PluginCommand {
 
         func validate() throws {
             guard timeScale > 0 else { throw ValidationError("--time-scale must be positive") }
+            guard path != nil || listClauses else { throw ValidationError("Missing expected argument '<path>'") }
         }
 
         func run() throws {
+            if listClauses {
+                let width = Checker.clauseDescriptions.map(\.clause.count).max() ?? 0
+                let lines = Checker.clauseDescriptions.map { $0.clause.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + $0.checks }
+                FileHandle.standardOutput.write(Data((lines.joined(separator: "\n") + "\n").utf8))
+                return
+            }
+            guard let path else { return }
             var options = CheckOptions(pluginPath: URL(fileURLWithPath: path).standardizedFileURL.path)
             options.modelPath = model.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
             options.loadFields = loadFields

@@ -93,8 +93,8 @@ def minimal_model(workdir):
 
 def test_reference_plugin_passes_every_clause():
     status, clauses, report = check(REFERENCE_PLUGIN, "--time-scale", 2)
-    # Its transcriptions have no prompt processing to cancel in.
-    assert_passes(status, clauses, allowed_na={"cancel-during-prefill[transcription]"})
+    # Its transcriptions have no prompt processing to cancel in; it is a batching engine.
+    assert_passes(status, clauses, allowed_na={"cancel-during-prefill[transcription]", "blocking-sink"})
     assert report["plugin"].startswith("'reference' 1.1.0, ABI 1.1; kinds: chat, completion, transcription; batching")
     for kind in ("chat", "completion", "transcription"):
         for base in ("run", "cancel-before-execute", "cancel-after-first-event", "cancel-after-end", "cancel-concurrent",
@@ -171,7 +171,7 @@ def test_reference_plugin_under_address_sanitizer(workdir):
     plugin = sanitized(ROOT / "Examples" / "ReferencePlugin" / "reference_plugin.c", workdir / "libreference-asan.so", "address")
     status, clauses, report = check(plugin, "--time-scale", 3)
     assert report["preloaded"] and report["preloaded"][0].startswith("libasan.so"), report["preloaded"]
-    assert_passes(status, clauses, allowed_na={"cancel-during-prefill[transcription]"})
+    assert_passes(status, clauses, allowed_na={"cancel-during-prefill[transcription]", "blocking-sink"})
 
 
 @pytest.mark.timeout(180)
@@ -215,13 +215,14 @@ def test_llama_server_plugin_passes():
     assert_passes(status, clauses, allowed_na={"batching-sink"})
     assert report["plugin"].startswith("'llama-server'")
     assert "no child process left" in clauses["unload-after-runs"]["detail"]
+    assert "while on_event was held" in clauses["blocking-sink"]["detail"]
 
 
 @needs_libllama
 @pytest.mark.timeout(400)
 def test_libllama_plugin_passes():
     status, clauses, report = check(LIBLLAMA_PLUGIN, "--model", SMOLLM2, "--time-scale", 3, timeout=380)
-    assert_passes(status, clauses)
+    assert_passes(status, clauses, allowed_na={"blocking-sink"})  # a batching engine
     assert report["plugin"].startswith("'libllama'") and report["plugin"].endswith("batching")
     assert "0 past the limit" in clauses["batching-sink"]["detail"]
 
