@@ -99,11 +99,12 @@ extension Worker {
         }
         run.start()
         let endLimit = context.cancelToEndLimitMilliseconds / 1000 + 60
-        guard held.wait(timeout: .now() + runLimitSeconds) == .success else {
+        run.recorder.wait(seconds: runLimitSeconds) { events in events.contains { $0.isOutput || $0.isTerminal } }
+        guard held.wait(timeout: .now() + 1) == .success else {
             run.cancel()
             guard run.wait(seconds: endLimit) else { return .fail(clause, "run_execute did not return") }
             retire(run)
-            return .na(clause, "the run produced no output in \(Int(runLimitSeconds)) s, so no on_event could be held")
+            return .na(clause, "the run ended (\(run.recorder.terminal?.summary ?? "no end")) without an output whose on_event could be held")
         }
         // on_event is held on the plugin's thread. Cancel from here; on_event is let go when the
         // cancel returns, or after a while if it does not.

@@ -77,10 +77,11 @@ struct Workload {
         if let audio = options.audioPath {
             guard let data = FileManager.default.contents(atPath: audio) else { throw CheckError("cannot read --audio \(audio)") }
             shortAudio = [UInt8](data)
+            longAudio = Self.repeated(shortAudio, seconds: 30) ?? Self.speechLikeWAV(seconds: 30)
         } else {
             shortAudio = Self.speechLikeWAV(seconds: 3)
+            longAudio = Self.speechLikeWAV(seconds: 30)
         }
-        longAudio = Self.speechLikeWAV(seconds: 30)
     }
 
     /// The model the checker writes for the reference engine: quick tokens, multi-byte text,
@@ -169,6 +170,30 @@ struct Workload {
         guard !FileManager.default.fileExists(atPath: path) else { return }
         try text.write(toFile: path + ".part", atomically: false, encoding: .utf8)
         _ = rename(path + ".part", path)
+    }
+
+    /// A WAV file's audio repeated until it lasts `seconds` (its fmt chunk kept), or nil when
+    /// the file is not a WAV this can read.
+    static func repeated(_ wav: [UInt8], seconds: Int) -> [UInt8]? {
+        func u32(_ at: Int) -> Int { (0..<4).reduce(0) { $0 | Int(wav[at + $1]) << (8 * $1) } }
+        guard wav.count >= 12, wav[0..<4].elementsEqual("RIFF".utf8), wav[8..<12].elementsEqual("WAVE".utf8) else { return nil }
+        var fmt: ArraySlice<UInt8>?, data: ArraySlice<UInt8>?
+        var at = 12
+        while at + 8 <= wav.count {
+            let size = u32(at + 4), body = at + 8
+            let end = min(wav.count, body + size)
+            if wav[at..<at + 4].elementsEqual("fmt ".utf8) { fmt = wav[body..<end] }
+            if wav[at..<at + 4].elementsEqual("data".utf8) { data = wav[body..<end] }
+            at = body + size + (size & 1)
+        }
+        guard let fmt, fmt.count >= 16, let data, !data.isEmpty else { return nil }
+        let byteRate = fmt.dropFirst(8).prefix(4).enumerated().reduce(0) { $0 | Int($1.element) << (8 * $1.offset) }
+        guard byteRate > 0 else { return nil }
+        var samples: [UInt8] = []
+        while samples.count < byteRate * seconds { samples += data }
+        func le32(_ value: Int) -> [UInt8] { (0..<4).map { UInt8(truncatingIfNeeded: value >> (8 * $0)) } }
+        return Array("RIFF".utf8) + le32(4 + 8 + fmt.count + 8 + samples.count) + Array("WAVE".utf8)
+            + Array("fmt ".utf8) + le32(fmt.count) + Array(fmt) + Array("data".utf8) + le32(samples.count) + samples
     }
 
     /// 16 kHz mono 16-bit PCM: voiced tones with a syllable-like envelope (four a second), so
