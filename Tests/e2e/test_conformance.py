@@ -108,6 +108,20 @@ def test_reference_plugin_passes_every_clause():
     assert "5 cycles" in clauses["load-unload-cycles"]["detail"]
 
 
+@pytest.mark.parametrize("source, includes", [
+    (ROOT / "Tests" / "compat" / "abi-1.0" / "reference_plugin_1_0.c", ROOT / "Tests" / "compat" / "abi-1.0"),
+    (ROOT / "Tests" / "compat" / "reference_cut_to_1_0.c", HEADER),
+], ids=["frozen-1.0", "cut-to-1.0"])
+def test_abi_1_0_plugins_pass(workdir, source, includes):
+    """A plugin built for ABI 1.0 is judged by 1.0's rules. The cut one ends its table and every
+    event at a guard page: had the checker read past a 1.0 size, its worker would have died."""
+    plugin = build(source, workdir / f"lib{source.stem}.so", f"-I{includes}")
+    status, clauses, report = check(plugin, "--time-scale", 2)
+    # No probe, no shutdown, no PB_FLAG_BATCHING in a 1.0 table.
+    assert_passes(status, clauses, allowed_na={"probe", "shutdown", "batching-sink"})
+    assert ", ABI 1.0;" in report["plugin"]
+
+
 def test_text_output_has_one_line_per_clause_and_a_summary():
     result = subprocess.run([str(BINARY), "plugin", "check", str(REFERENCE_PLUGIN), "--only", "exports,table,probe"],
                             capture_output=True, text=True, timeout=120)
