@@ -20,6 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
+import conftest
 from conftest import BUILD_DIR, ROOT, start_server, start_thread, stop_and_clean_up, wait_for
 
 HEADER = ROOT / "Sources" / "CPatchbayABI" / "include" / "patchbay.h"
@@ -127,6 +128,18 @@ def stream_chat(client, **kwargs):
 def test_it_builds_out_of_tree_and_exports_only_the_entry(built):
     _, library = built
     assert exported_symbols(library) == ["pb_plugin_entry"]
+
+
+def test_it_passes_the_conformance_checker(built, tmp_path):
+    """`patchbay plugin check` runs the out-of-tree build through the whole contract."""
+    template, library = built
+    model = tmp_path / f"check.{template.extension}"
+    model.write_text("reply=hello from the template\ntoken_delay_ms=5\n")
+    result = subprocess.run([str(conftest.BINARY), "plugin", "check", str(library), "--model", str(model)],
+                            capture_output=True, text=True, timeout=240)
+    print(result.stdout[-3000:])
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"^\d+ passed, 0 failed", result.stdout, re.MULTILINE), result.stdout[-2000:]
 
 
 def test_the_server_lists_it_as_its_only_plugin(template_server, template):
