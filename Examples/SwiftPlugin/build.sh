@@ -15,7 +15,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 header="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
 [[ -f "$header" ]] || { echo "error: no header at $1" >&2; exit 2; }
 mkdir -p "$2"
-out="$(cd "$2" && pwd)"
+out="$(cd "$2" && pwd -P)"  # physical: the module cache records its paths
 work="$out/$LIB-build"
 mkdir -p "$work/include"
 cp "$header" "$work/include/patchbay.h"
