@@ -137,6 +137,27 @@ class RssSampler(threading.Thread):
         self.join(5)
 
 
+# Clock ticks per second, the unit of /proc's CPU times.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def busy_ticks() -> int:
+    """CPU time spent by the whole machine so far (all cores), in clock ticks."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+def process_ticks(pid: int) -> int:
+    """utime + stime of a process (all its threads), in clock ticks (0 when it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def mib(kib: int) -> str:
     return f"{kib / 1024:.1f} MiB"
 

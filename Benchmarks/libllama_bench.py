@@ -71,7 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "e2e"))
 from llama_child import llama_children  # noqa: E402
 
-from harness import default_path, interleaved, percentile as pct  # noqa: E402 - beside this script
+from harness import busy_ticks, default_path, interleaved, percentile as pct, process_ticks  # noqa: E402 - beside this script
 
 PLUGINS = {"libllama": "libPatchbayLibLlamaPlugin.so", "llama-server": "libPatchbayLlamaServerPlugin.so",
            "reference": "libPatchbayReferencePlugin.so"}
@@ -436,23 +436,6 @@ def describe(values, unit="ms") -> str:
 
 def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
-
-
-def busy_ticks() -> int:
-    """CPU time spent by the whole machine so far (all cores), in clock ticks."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return user + nice + system + irq + softirq + steal
-
-
-def process_ticks(pid: int) -> int:
-    """utime + stime of a process (all its threads), in clock ticks (0 when it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class Section:

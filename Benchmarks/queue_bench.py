@@ -80,8 +80,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "e2e"))
 from llama_child import llama_children  # noqa: E402
 
-from harness import (LOCALHOST, Connection, NoResponse, Truncated, build_request, default_path,  # noqa: E402
-                     free_port, interleaved, percentile, read_response, request_json, wait_idle)
+from harness import (CLOCK_TICKS, LOCALHOST, Connection, NoResponse, Truncated, build_request, default_path,  # noqa: E402
+                     free_port, interleaved, percentile, process_ticks, read_response, request_json, wait_idle)
 
 PLUGIN = "libPatchbayLlamaServerPlugin.so"
 SLOTS = 4
@@ -277,10 +277,8 @@ def one_stream(port: int, model: str, i: int, tokens: int) -> dict:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (utime and stime in /proc/PID/stat)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process so far."""
+    return process_ticks(pid) / CLOCK_TICKS
 
 
 def stream_round(server: Server, streams: int, tokens: int, seed: int) -> dict:

@@ -95,7 +95,7 @@ from operator import mul
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import default_path, interleaved  # noqa: E402 - beside this script
+from harness import CLOCK_TICKS as HZ, busy_ticks, default_path, interleaved, process_ticks  # noqa: E402 - beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = "libPatchbayWhisperPlugin.so"
@@ -226,26 +226,6 @@ def make_clip(seconds: float, workdir: Path) -> tuple[Path, float, int, float]:
 
 
 # ─── The machine ────────────────────────────────────────────────────────────────────
-
-HZ = os.sysconf("SC_CLK_TCK")
-
-
-def busy_ticks() -> int:
-    """CPU time spent by the whole machine so far (all cores), in clock ticks."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return user + nice + system + irq + softirq + steal
-
-
-def process_ticks(pid: int) -> int:
-    """utime + stime of a process (all its threads), in clock ticks (0 when it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, ValueError, IndexError):
-        return 0
-
 
 def children_cpu() -> float:
     """CPU seconds of this process's finished children (each whisper-cli run, espeak-ng)."""
