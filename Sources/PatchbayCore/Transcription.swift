@@ -99,9 +99,14 @@ public struct TranscriptionRequest: Sendable {
            !type.isEmpty, type != "application/octet-stream" {
             return type
         }
-        let ext = (file.fileName ?? "").split(separator: ".").last.map { $0.lowercased() } ?? ""
-        return ["wav": "audio/wav", "wave": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg",
-                "m4a": "audio/mp4", "mp4": "audio/mp4", "webm": "audio/webm"][ext] ?? "application/octet-stream"
+        let ext = (file.fileName ?? "").split(separator: ".").last.map(String.init) ?? ""
+        return audioMediaType(forExtension: ext) ?? "application/octet-stream"
+    }
+
+    /// The media type of an audio file name extension or `input_audio` format ("wav", "mp3").
+    public static func audioMediaType(forExtension ext: String) -> String? {
+        ["wav": "audio/wav", "wave": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg",
+         "m4a": "audio/mp4", "mp4": "audio/mp4", "webm": "audio/webm"][ext.lowercased()]
     }
 
     public func normalized(maxWallMilliseconds: Int) -> NormalizedRequest {

@@ -64,7 +64,7 @@ extension ChatCompletionsRoutes {
             throw APIError(status: 413, message: "The audio (\(bytes.count) bytes) exceeds the limit of \(state.configuration.maxAudioBytes) bytes.",
                            param: param, code: "file_too_large")
         }
-        let mediaType = ["wav": "audio/wav", "mp3": "audio/mpeg"][audio.format.lowercased()] ?? "audio/\(audio.format.lowercased())"
+        let mediaType = TranscriptionRequest.audioMediaType(forExtension: audio.format) ?? "audio/\(audio.format.lowercased())"
         var request = NormalizedRequest(kind: .transcription, maxTokens: NormalizedRequest.maxTokensLimit,
                                         maxWallMilliseconds: state.maxWallMilliseconds)
         request.inputs = [ByteInput(name: "audio", mediaType: mediaType, bytes: [UInt8](bytes))]
