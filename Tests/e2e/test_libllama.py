@@ -721,6 +721,19 @@ def sse_frames(response: bytes) -> list:
     return [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: {")]
 
 
+def recv_frames(sock: socket.socket, count: int, timeout: float, received: bytes) -> bytes:
+    """Reads on until `count` SSE data frames have arrived in all; returns everything read."""
+    deadline = time.monotonic() + timeout
+    while received.count(b"data: {") < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{count} frames did not arrive within {timeout} s; got {received.count(b'data: {')}"
+        sock.settimeout(left)
+        chunk = sock.recv(1 << 16)
+        assert chunk, f"the stream closed after {received.count(b'data: {')} frames"
+        received += chunk
+    return received
+
+
 def settled_unread_bytes(sock: socket.socket) -> int:
     """The unread bytes once they stop growing over a 0.2 s window (the receive buffer is full); 0 until then."""
     first = unread_bytes(sock)
@@ -733,10 +746,11 @@ def test_a_client_that_stops_reading_does_not_slow_the_others(host, client):
     other three finish in about the time they take alone: the engine thread never waits
     for a client (the sink never blocks; a run whose client is far behind sits out).
 
-    (With SmolLM2's ~190-byte SSE frames the kernel's loopback send buffer, which grows to
-    tcp_wmem's 4 MiB, takes in the whole 3,000-token answer, so the stuck run decodes on
-    beside the others rather than pausing; test_abi11 drives the pause itself with the
-    reference engine's 8 kB tokens.)"""
+    (Whether the stuck run pauses depends on the kernel: where the loopback send buffer grows
+    to tcp_wmem's 4 MiB it takes in the whole 3,000-token answer of ~190-byte SSE frames and
+    the run decodes on; where it stays small the run sits out after a hundred tokens or so.
+    Either way the others are not slowed and the stuck client, reading again, gets the rest.
+    test_abi11 drives the pause itself with the reference engine's 8 kB tokens.)"""
     def three_fast() -> float:
         started = time.monotonic()
         workers = [start_thread(stream_text, client, model=LIB, messages=m, max_tokens=48, **GREEDY) for m in FAST]
@@ -758,17 +772,18 @@ def test_a_client_that_stops_reading_does_not_slow_the_others(host, client):
         assert beside < 3 * alone, f"one slow client slowed the others: {alone:.2f} s alone, {beside:.2f} s beside it"
         assert host.active_generations() == 1, "the run of the client that stopped reading ended meanwhile"
 
-        # Still served: once it reads again, it gets the whole stream, in order, and on a
-        # cancel its end.
-        reader = start_thread(recv_until, slow, b"data: [DONE]", 60, first)
+        # Still served: once it reads again, the stream goes on (past what the buffers held
+        # while it was stuck), in order, and on a cancel it gets its end.
+        resumed = recv_frames(slow, 200, 60, first)
+        reader = start_thread(recv_until, slow, b"data: [DONE]", 60, resumed)
         line = cancel_and_read_the_engine(host, "slow-reader")
         assert line["phase"] == "during decoding", line.group(0)
         frames = sse_frames(reader.join(60))
         text = "".join(frame["choices"][0]["text"] for frame in frames)
         assert frames[-1]["choices"][0]["finish_reason"] == "stop"
         free = client.completions.create(model=LIB, prompt=COUNTING, max_tokens=30, temperature=0).choices[0].text
-        assert text.startswith(free) or free.startswith(text), (text[:200], free)
-        assert len(text) >= 100, text
+        assert text.startswith(free), (text[:200], free)
+        assert len(frames) > 200, len(frames)
     finally:
         slow.close()
     assert host.wait_idle() == 0
