@@ -24,6 +24,8 @@
  *   ignore_wall_limit=0      1: ignore the request's max_wall_ms (to test the host's own watchdog)
  *   create_delay_ms=0        run_create takes this long, then logs "run created" (to test that
  *                            the host never frees a model under a run_create in progress)
+ *   finish_delay_ms=0        run_execute returns this long after the FINISH event (an engine
+ *                            that tidies up after its answer is out)
  *   vision=0                 1: the model accepts images; the reply starts with one token per image
  *   transcript=Hello from the reference transcriber.   what a transcription "hears"
  *   segment_words=4          words per transcription segment
@@ -132,6 +134,7 @@ struct pb_model {
     int batching;
     int ignore_wall_limit;
     int create_delay_ms;
+    int finish_delay_ms;
     int vision;
     int segment_words;
     engine *engine;         /* NULL unless batching */
@@ -161,6 +164,7 @@ static void set_setting(pb_model *m, const char *key, const char *value) {
     else if (!strcmp(key, "batching")) m->batching = atoi(value);
     else if (!strcmp(key, "ignore_wall_limit")) m->ignore_wall_limit = atoi(value);
     else if (!strcmp(key, "create_delay_ms")) m->create_delay_ms = atoi(value);
+    else if (!strcmp(key, "finish_delay_ms")) m->finish_delay_ms = atoi(value);
     else if (!strcmp(key, "vision")) m->vision = atoi(value);
     else if (!strcmp(key, "segment_words")) m->segment_words = atoi(value);
     if (text) { free(*text); *text = dup_string(value); }
@@ -1290,6 +1294,7 @@ static void ref_run_execute(pb_run *run, const pb_event_sink *sink) {
     run->wall_deadline = run->max_wall_ms > 0 ? run->started + run->max_wall_ms : 0;
     if (m->engine) execute_batched(run, sink);
     else execute_here(run, sink);
+    if (m->finish_delay_ms > 0) plugin_sleep_ms(m->finish_delay_ms);
 }
 
 static void ref_run_cancel(pb_run *run) {

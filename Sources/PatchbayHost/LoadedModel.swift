@@ -122,6 +122,16 @@ public final class LoadedModel: Sendable {
 
     public var activeRunCount: Int { runState.withLock { $0.runs.count } }
 
+    /// The runs that have not delivered their result yet, and plugin calls under way. A run
+    /// whose terminal event is out (its client may already hold the answer) only waits for
+    /// the plugin's call to return, so an unload need not refuse it.
+    public var unfinishedRunCount: Int {
+        // The strong references are dropped outside the lock: a last one runs the run's
+        // deinit, which takes the lock itself.
+        let runs = runState.withLock { state in state.runs.values.map(\.run) }
+        return runs.count { !($0?.hasEnded ?? false) }
+    }
+
     /// Stops taking new runs. Returns how many are still alive.
     func stopAccepting() -> Int {
         runState.withLock { state in

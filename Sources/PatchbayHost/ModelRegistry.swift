@@ -190,8 +190,9 @@ public final class ModelRegistry: Sendable {
     }
 
     private func unload(_ model: LoadedModel, forceCancelActive: Bool) async throws(APIError) {
-        if !forceCancelActive && model.activeRunCount > 0 {
-            throw .conflict("Model '\(model.id)' has \(model.activeRunCount) active generation(s); cancel them or pass force_cancel_active=true.",
+        let unfinished = model.unfinishedRunCount
+        if !forceCancelActive && unfinished > 0 {
+            throw .conflict("Model '\(model.id)' has \(unfinished) active generation(s); cancel them or pass force_cancel_active=true.",
                             code: "active_generations")
         }
         let first = state.withLock { state in

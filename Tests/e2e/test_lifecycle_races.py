@@ -161,6 +161,31 @@ def test_unload_during_run_create_waits_for_it(server):
     assert 0 <= created < unloaded, log
 
 
+def test_unload_right_after_an_answer_is_not_refused_but_one_during_a_generation_is(server):
+    # The engine still tidies up for half a second after its answer is out.
+    server.load("m", reply="one two three", finish_delay_ms=500)
+    status, answer = server.post("/v1/chat/completions", chat_body("m", max_tokens=50))
+    assert status == 200 and answer["choices"][0]["message"]["content"] == "one two three"
+    assert server.active_generations() == 1  # the run the engine has not returned yet
+    started = time.monotonic()
+    status, body = server.post("/api/inference/unload", {"model_path": "m"})
+    assert status == 200, body
+    assert time.monotonic() - started >= 0.2, "the unload did not wait for the engine to return"
+    assert server.active_generations() == 0 and server.get("/api/inference/status")[1]["loaded"] == []
+
+    # A generation still under way is another matter: without force_cancel_active it is refused.
+    server.load("busy", reply="a b", repeat=1, token_delay_ms=20)
+    sock = open_request(server, "/v1/chat/completions", chat_body("busy", stream=True))
+    try:
+        recv_until(sock, b"data:", 10)
+        status, body = server.post("/api/inference/unload", {"model_path": "busy"})
+        assert status == 409 and body["error"]["code"] == "active_generations", body
+        assert "1 active generation" in body["error"]["message"], body
+    finally:
+        sock.close()
+    assert server.post("/api/inference/unload", {"model_path": "busy", "force_cancel_active": True})[0] == 200
+
+
 def test_cancel_that_races_a_natural_finish_does_not_cancel_the_next_run(server):
     server.load("m", reply="one two three")
     status, first = server.post("/v1/chat/completions", chat_body("m", max_tokens=50, cancel_id="stop-me"))
