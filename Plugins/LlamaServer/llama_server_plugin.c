@@ -600,6 +600,7 @@ struct pb_run {
     int64_t max_tokens;
     int64_t max_wall_ms;    /* 0: no budget */
     uint64_t generation;    /* the child it talks to (ensure_child) */
+    char *request_id;       /* the host's HTTP request id, for the log; NULL if none */
 
     /* Set during run_execute. */
     const pb_event_sink *sink;
@@ -612,6 +613,31 @@ struct pb_run {
 };
 
 static int host_minor(void) { return g_host ? g_host->abi_minor : 0; }
+
+static const char *finish_name(pb_finish_reason reason) {
+    switch (reason) {
+    case PB_FINISH_STOP: return "stop";
+    case PB_FINISH_LENGTH: return "length";
+    case PB_FINISH_TOOL_CALLS: return "tool_calls";
+    case PB_FINISH_CANCELLED: return "cancelled";
+    case PB_FINISH_TIME_LIMIT: return "time_limit";
+    case PB_FINISH_STOP_SEQUENCE: return "stop_sequence";
+    }
+    return "unknown";
+}
+
+/* One line per run that names the host's request id, so the host's access line and this
+ * plugin's lines for the same request can be found together. */
+static void log_run_end(const pb_run *run, const pb_event *terminal) {
+    if (!run->request_id) return;
+    double took = plugin_now_ms() - run->started_ms;
+    if (terminal->type == PB_EVENT_ERROR)
+        plugin_log(g_host, PB_LOG_INFO, "request %s: run ended with an error after %.0f ms: %.*s", run->request_id,
+                   took, (int)terminal->text_len, terminal->text ? terminal->text : "");
+    else
+        plugin_log(g_host, PB_LOG_INFO, "request %s: run ended (%s) after %.0f ms", run->request_id,
+                   finish_name(terminal->finish_reason), took);
+}
 
 /* Every event goes out here, in the shape the host's ABI minor understands. */
 static void emit(pb_run *run, pb_event *event) {
@@ -629,7 +655,10 @@ static void emit(pb_run *run, pb_event *event) {
     event->struct_size = sizeof *event;
     run->sink->on_event(run->sink->context, event);
     run->last_event_ms = plugin_now_ms();
-    if (event->type == PB_EVENT_FINISH || event->type == PB_EVENT_ERROR) run->ended = 1;
+    if (event->type == PB_EVENT_FINISH || event->type == PB_EVENT_ERROR) {
+        run->ended = 1;
+        log_run_end(run, event);
+    }
 }
 
 static void emit_for_reader(void *context, pb_event *event) { emit(context, event); }
@@ -718,17 +747,24 @@ static pb_status llama_run_create_with_inputs(pb_model *model, const char *reque
                                     error_size);
     int64_t max_tokens = request_max_tokens(request);
     int64_t max_wall_ms = json_get_int64(request, "max_wall_ms", 0);
+    const char *request_id = json_get_string(request, "request_id");
+    char *request_id_copy = request_id ? strdup(request_id) : NULL;
     json_free(request);
-    if (!body) return status;
+    if (!body) {
+        free(request_id_copy);
+        return status;
+    }
     pb_run *run = calloc(1, sizeof *run);
     upstream_stream *stream = run ? upstream_stream_create() : NULL;
     if (!stream) {
         plugin_set_error(error, error_size, "Out of memory.");
         free(run);
         free(body);
+        free(request_id_copy);
         return PB_ERR_OUT_OF_MEMORY;
     }
     run->model = model;
+    run->request_id = request_id_copy;
     run->stream = stream;
     run->body = body;
     run->is_completion = is_completion;
@@ -767,7 +803,7 @@ static void llama_run_execute(pb_run *run, const pb_event_sink *sink) {
     }
     char url[128];
     url_for(run->is_completion ? "/v1/completions" : "/v1/chat/completions", url, sizeof url);
-    plugin_log(g_host, PB_LOG_DEBUG, "POST %s %s", url, run->body);
+    plugin_log(g_host, PB_LOG_DEBUG, "request %s: POST %s %s", run->request_id ? run->request_id : "-", url, run->body);
     long http_status = 0;
     char transfer_error[256] = "";
     upstream_result result = upstream_stream_run(run->stream, run->model->socket_path, url, run->model->api_key,
@@ -818,6 +854,7 @@ static void llama_run_destroy(pb_run *run) {
     sse_reader_free(&run->reader);
     jb_free(&run->error_body);
     free(run->body);
+    free(run->request_id);
     free(run);
 }
 

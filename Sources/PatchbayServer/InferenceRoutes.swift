@@ -51,7 +51,7 @@ struct InferenceRoutes {
     private func unload(_ request: Request) async throws -> Response {
         let unload = try await state.decodeBody(ModelReferenceRequest.self, of: request)
         if unload.forceCancelActive == true, let model = try? state.models.model(named: unload.modelPath) {
-            state.metrics.cancelled(.unload, count: model.activeRunCount)
+            state.metrics.cancelled(.unload, count: model.unfinishedRunCount)
         }
         let id = try await state.models.unload(named: unload.modelPath, forceCancelActive: unload.forceCancelActive ?? false)
         return JSONResponse.value(.object([("status", .string("unloaded")), ("model", .string(id))]))

@@ -260,13 +260,13 @@ public struct JSONLogHandler: LogHandler {
         set { metadata[key] = newValue }
     }
 
-    public func log(level: Logger.Level, message: Logger.Message, metadata explicit: Logger.Metadata?, source: String,
-                    file: String, function: String, line: UInt) {
+    public func log(event: LogEvent) {
         var members: [(key: String, value: JSONValue)] = [
             ("ts", .string(Date().formatted(.iso8601.year().month().day().time(includingFractionalSeconds: true)))),
-            ("level", .string(level.rawValue)), ("logger", .string(label)), ("message", .string(message.description)),
+            ("level", .string(event.level.rawValue)), ("logger", .string(label)),
+            ("message", .string(event.message.description)),
         ]
-        for (key, value) in metadata.merging(explicit ?? [:], uniquingKeysWith: { $1 }).sorted(by: { $0.key < $1.key }) {
+        for (key, value) in metadata.merging(event.metadata ?? [:], uniquingKeysWith: { $1 }).sorted(by: { $0.key < $1.key }) {
             members.append((key, Self.json(value)))
         }
         var bytes = JSONValue.object(members).jsonBytes

@@ -3,6 +3,7 @@ the real SmolLM2-135M-Instruct, the real `patchbay` binary, the official openai 
 Cancels are verified at llama-server itself (/slots, /metrics), not through Patchbay."""
 import json
 import os
+import re
 import signal
 import time
 import urllib.error
@@ -135,6 +136,16 @@ def test_stop_sequence_cuts_the_answer(client):
                                          **GREEDY)
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.content == text[:text.index(stop_word)]
+
+
+def test_the_plugins_log_line_for_a_run_carries_the_clients_request_id(llama, client):
+    raw = client.chat.completions.with_raw_response.create(model="default", messages=CAPITAL, max_tokens=5, **GREEDY,
+                                                           extra_headers={"x-request-id": "trace-llama-7"})
+    assert raw.headers["x-request-id"] == "trace-llama-7"
+    assert raw.parse().choices[0].finish_reason == "length"
+    line = wait_for(lambda: re.search(r"request trace-llama-7: run ended \((\w+)\) after \d+ ms", llama.log_text()), 5,
+                    "the plugin's line for request trace-llama-7")
+    assert line[1] == "length", line[0]
 
 
 def test_multi_turn_conversation_reaches_the_model(client):
