@@ -168,7 +168,10 @@ public final class LoadedModel: Sendable {
                 _ = stopAccepting()
                 cancelRuns()
                 await waitUntilIdle()
-                await onDedicatedThread(name: "patchbay-unload") { self.plugin.table.unload(self.handle) }
+                await onDedicatedThread(name: "patchbay-unload") {
+                    self.plugin.table.unload(self.handle)
+                    SystemMemory.giveBackFreed()
+                }
             }
             task = started
             return started

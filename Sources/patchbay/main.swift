@@ -5,6 +5,7 @@ import Logging
 import Metrics
 import Prometheus
 import PatchbayCore
+import PatchbayHost
 import PatchbayServer
 import ServiceLifecycle
 
@@ -89,6 +90,7 @@ struct Serve: AsyncParsableCommand {
     }
 
     func run() async throws {
+        SystemMemory.limitArenas()
         if logFormat == "json" { LoggingSystem.bootstrap { JSONLogHandler(label: $0) } }
         // Every metric the server records goes to this registry, which GET /metrics shows.
         let metricsRegistry = noMetrics ? nil : PrometheusCollectorRegistry()
