@@ -27,6 +27,11 @@ public struct ClauseResult: Codable, Sendable {
     static func pass(_ clause: String, _ detail: String) -> ClauseResult { .init(clause: clause, verdict: .pass, detail: detail) }
     static func fail(_ clause: String, _ detail: String) -> ClauseResult { .init(clause: clause, verdict: .fail, detail: detail) }
     static func na(_ clause: String, _ detail: String) -> ClauseResult { .init(clause: clause, verdict: .notApplicable, detail: detail) }
+
+    /// A pass with `detail` when nothing went wrong, else a fail that lists the problems.
+    static func judged(_ clause: String, problems: [String], detail: String) -> ClauseResult {
+        problems.isEmpty ? .pass(clause, detail) : .fail(clause, problems.joined(separator: "; "))
+    }
 }
 
 /// A clause's verdict can end a clause early (`Result<_, ClauseResult>`).

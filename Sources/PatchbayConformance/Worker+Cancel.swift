@@ -29,7 +29,7 @@ extension Worker {
             problems.append("it ended with \(terminal.summary), not FINISH/CANCELLED")
         }
         let detail = "run_execute returned in \(formatMilliseconds(took)) with \(run.recorder.terminal?.summary ?? "no terminal event (see terminal-event)")"
-        return problems.isEmpty ? .pass(clause, detail) : .fail(clause, problems.joined(separator: "; "))
+        return .judged(clause, problems: problems, detail: detail)
     }
 
     // MARK: cancel-after-first-event[K]
@@ -84,7 +84,7 @@ extension Worker {
         retire(inside)
         if let problem = cancelProblem(inside, "inside on_event") { problems.append(problem) }
         details.append("inside on_event: \(cancelOutcome(inside))")
-        return problems.isEmpty ? .pass(clause, details.joined(separator: "; ")) : .fail(clause, problems.joined(separator: "; "))
+        return .judged(clause, problems: problems, detail: details.joined(separator: "; "))
     }
 
     // MARK: cancel-during-prefill[K]
@@ -154,7 +154,7 @@ extension Worker {
                 retire(watched)
             }
         }
-        return problems.isEmpty ? .pass(clause, details.joined(separator: "; ")) : .fail(clause, problems.joined(separator: "; "))
+        return .judged(clause, problems: problems, detail: details.joined(separator: "; "))
     }
 
     // MARK: cancel-after-end[K]
@@ -243,6 +243,6 @@ extension Worker {
         retire(race)
         if let problem = cancelProblem(race, "cancels racing run_execute") { problems.append(problem) }
         details.append("cancels racing run_execute: \(cancelOutcome(race))")
-        return problems.isEmpty ? .pass(clause, details.joined(separator: "; ")) : .fail(clause, problems.joined(separator: "; "))
+        return .judged(clause, problems: problems, detail: details.joined(separator: "; "))
     }
 }

@@ -158,7 +158,7 @@ extension Worker {
         }
         try? FileManager.default.removeItem(atPath: junk)
         let detail = answers.joined(separator: "; ") + "; missing file: \(missingScore)"
-        return problems.isEmpty ? .pass(clause, detail) : .fail(clause, problems.joined(separator: "; "))
+        return .judged(clause, problems: problems, detail: detail)
     }
 }
 

@@ -69,7 +69,7 @@ extension Worker {
         if !endedBefore, let problem = cancelProblem(slow, "cancelled while paused for its backlog") { problems.append(problem) }
         let detail = "backlog_limit \(limit): the run behind got \(before) outputs (\(pastLimit) past the limit, backlog asked \(slow.recorder.backlogCalls) times) "
             + "while the other got \(fastOutputs); it resumed when read, and a cancel while paused ended it (\(cancelOutcome(slow)))"
-        return problems.isEmpty ? .pass(clause, detail) : .fail(clause, problems.joined(separator: "; "))
+        return .judged(clause, problems: problems, detail: detail)
     }
 
     /// Without PB_FLAG_BATCHING on_event may block while the run's client is behind, and the

@@ -92,7 +92,7 @@ extension Worker {
         let children = start.leftovers(after: 0).filter { $0.contains("child process") }
         if !children.isEmpty && left.isEmpty { problems.append("the cancelled loads left " + children.joined(separator: "; ")) }
         let detail = "cancelled \(when); load returned in \(formatMilliseconds(stopped)) with status \(status)"
-        return problems.isEmpty ? .pass(clause, detail) : .fail(clause, problems.joined(separator: "; "))
+        return .judged(clause, problems: problems, detail: detail)
     }
 
     func modelInfo() -> ClauseResult {
@@ -158,7 +158,7 @@ extension Worker {
         let detail = "context \(full.context_length), slots \(full.parallel_slots), training context \(full.training_context_length), "
             + "\(full.parameter_count) parameters, \(full.size_bytes) bytes, architecture \(architecture); writes stay inside struct_size \(size10), \(sizeMid) and \(fullSize)"
             + (notes.isEmpty ? "" : "; note: \(notes.joined(separator: "; "))")
-        return problems.isEmpty ? .pass(clause, detail) : .fail(clause, problems.joined(separator: "; "))
+        return .judged(clause, problems: problems, detail: detail)
     }
 
     /// A model_info answer's values (the architecture by its text: the pointer may differ).

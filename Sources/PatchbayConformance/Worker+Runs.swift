@@ -130,7 +130,7 @@ extension Worker {
             }
             retire(over)
         }
-        return problems.isEmpty ? .pass(clause, details.joined(separator: "; ")) : .fail(clause, problems.joined(separator: "; "))
+        return .judged(clause, problems: problems, detail: details.joined(separator: "; "))
     }
 
     // MARK: destroy-without-execute[K]
