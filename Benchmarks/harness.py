@@ -36,6 +36,23 @@ def build_dir(configuration: str = "debug") -> Path:
     return Path(out.stdout.strip())
 
 
+def choose_build_dir(given: str | None, needed: list[str], release_holds: str) -> tuple[Path, str, list[str]]:
+    """`given` (--build-dir), else .build/release when it holds every file in `needed`, else
+    .build/debug. Returns the folder, why it was chosen (`release_holds` says what release has),
+    and which of `needed` the folder lacks."""
+    def missing(path: Path) -> list[str]:
+        return [name for name in needed if not (path / name).exists()]
+    if given:
+        path, why = Path(given).resolve(), "--build-dir"
+    else:
+        release, debug = ROOT / ".build" / "release", ROOT / ".build" / "debug"
+        if not missing(release):
+            path, why = release.resolve(), f"release: it has {release_holds}"
+        else:
+            path, why = debug.resolve(), f"debug: release lacks {', '.join(missing(release))}"
+    return path, why, missing(path)
+
+
 def check_local(host: str) -> str:
     """Refuses any target but 127.0.0.1 (no names, no other addresses)."""
     if host != LOCALHOST:

@@ -71,6 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Tests" / "e2e"))
 from llama_child import llama_children  # noqa: E402
 
+import harness  # noqa: E402 - beside this script
 from harness import busy_ticks, default_path, interleaved, percentile as pct, process_ticks  # noqa: E402 - beside this script
 
 PLUGINS = {"libllama": "libPatchbayLibLlamaPlugin.so", "llama-server": "libPatchbayLlamaServerPlugin.so",
@@ -83,17 +84,8 @@ CANCEL_LINE = re.compile(rb"run cancelled: engine stopped ([0-9.]+) ms after the
 
 def choose_build_dir(given: str | None) -> tuple[Path, str]:
     """--build-dir, else .build/release when it is complete, else .build/debug."""
-    def missing(path: Path) -> list[str]:
-        return [name for name in ["patchbay", *PLUGINS.values()] if not (path / name).exists()]
-    if given:
-        path, why = Path(given).resolve(), "--build-dir"
-    else:
-        release, debug = ROOT / ".build" / "release", ROOT / ".build" / "debug"
-        if not missing(release):
-            path, why = release.resolve(), "release: it has patchbay and all three plugins"
-        else:
-            path, why = debug.resolve(), f"debug: release lacks {', '.join(missing(release))}"
-    needed = [name for name in missing(path) if name != PLUGINS["reference"]]
+    path, why, missing = harness.choose_build_dir(given, ["patchbay", *PLUGINS.values()], "patchbay and all three plugins")
+    needed = [name for name in missing if name != PLUGINS["reference"]]
     if needed:
         sys.exit(f"{path} lacks {', '.join(needed)} (build_libllama_plugin <bin dir> in scripts/lib/engines.sh "
                  f"makes the libllama plugin)")

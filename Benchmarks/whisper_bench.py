@@ -95,6 +95,7 @@ from operator import mul
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402 - beside this script
 from harness import CLOCK_TICKS as HZ, busy_ticks, default_path, interleaved, process_ticks  # noqa: E402 - beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -412,18 +413,9 @@ def word_differences(a: str, b: str) -> int:
 
 def choose_build_dir(given: str | None) -> tuple[Path, str]:
     """--build-dir, else .build/release when it holds patchbay and the plugin, else .build/debug."""
-    def missing(path: Path) -> list[str]:
-        return [name for name in ("patchbay", PLUGIN) if not (path / name).exists()]
-    if given:
-        path, why = Path(given).resolve(), "--build-dir"
-    else:
-        release, debug = ROOT / ".build" / "release", ROOT / ".build" / "debug"
-        if not missing(release):
-            path, why = release.resolve(), "release: it has patchbay and the whisper plugin"
-        else:
-            path, why = debug.resolve(), f"debug: release lacks {', '.join(missing(release))}"
-    if missing(path):
-        raise Failure(f"{path} lacks {', '.join(missing(path))} (scripts/lib/engines.sh: build_whisper_plugin <bin dir>)")
+    path, why, missing = harness.choose_build_dir(given, ["patchbay", PLUGIN], "patchbay and the whisper plugin")
+    if missing:
+        raise Failure(f"{path} lacks {', '.join(missing)} (scripts/lib/engines.sh: build_whisper_plugin <bin dir>)")
     return path, why
 
 
