@@ -86,5 +86,6 @@ let package = Package(
             linkerSettings: [.linkedLibrary("curl")]),
         .testTarget(name: "PatchbayCoreTests", dependencies: ["PatchbayCore"], path: "Tests/PatchbayCoreTests"),
         .testTarget(name: "PatchbayHostTests", dependencies: ["PatchbayHost", "CPatchbayABI"], path: "Tests/PatchbayHostTests"),
+        .testTarget(name: "PatchbayServerTests", dependencies: ["PatchbayServer"], path: "Tests/PatchbayServerTests"),
     ]
 )

@@ -110,13 +110,9 @@ public struct TranscriptionRequest: Sendable {
     }
 
     public func normalized(maxWallMilliseconds: Int) -> NormalizedRequest {
-        var request = NormalizedRequest(kind: .transcription, maxTokens: NormalizedRequest.maxTokensLimit,
-                                        maxWallMilliseconds: maxWallMilliseconds)
-        request.inputs = [audio]
-        request.audioInput = audio.name
+        var request = NormalizedRequest.transcription(of: audio, temperature: temperature, maxWallMilliseconds: maxWallMilliseconds)
         request.language = language
         request.prompt = prompt
-        request.sampling.temperature = temperature
         return request
     }
 
@@ -276,5 +272,16 @@ public struct TranscriptionStreamEncoder: EventStreamEncoder {
             SSE.openAIError(error, into: &out)
         default: break
         }
+    }
+}
+
+extension NormalizedRequest {
+    /// A transcription of `audio`, from the audio route or a chat with a speech-to-text model.
+    public static func transcription(of audio: ByteInput, temperature: Double?, maxWallMilliseconds: Int) -> NormalizedRequest {
+        var request = NormalizedRequest(kind: .transcription, maxTokens: maxTokensLimit, maxWallMilliseconds: maxWallMilliseconds)
+        request.inputs = [audio]
+        request.audioInput = audio.name
+        request.sampling.temperature = temperature
+        return request
     }
 }

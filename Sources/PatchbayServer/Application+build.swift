@@ -9,36 +9,23 @@ import UnixSignals
 /// Builds the HTTP application. The executable and the route tests both use this.
 public func buildApplication(state: ServerState) -> some ApplicationProtocol {
     let configuration = state.configuration
+    let routes = declaredRoutes(state)
     let router = Router(context: PatchbayRequestContext.self)
-    // Outermost: every request gets its id, its access-log line and its metric, refused ones too.
-    router.add(middleware: AccessLog(logger: configuration.accessLog ? state.logger : nil, metrics: state.metrics, routes: knownRoutes))
-    // Requests a web page must not make never reach a route or the key check.
-    router.add(middleware: RequestGuard(policy: OriginPolicy(
-        boundHost: configuration.host, allowedHosts: configuration.allowedHosts, corsOrigins: configuration.corsOrigins)))
+    let policy = OriginPolicy(boundHost: configuration.host, allowedHosts: configuration.allowedHosts, corsOrigins: configuration.corsOrigins)
+    // Outermost: every request gets its route's traits, its id, its access-log line and its
+    // metric, refused ones too.
+    router.add(middleware: AccessLog(logger: configuration.accessLog ? state.logger : nil, metrics: state.metrics,
+                                     routes: RouteTable(routes, groups: [.openAI, .anthropic, .management])))
+    router.add(middleware: CORSHeaders(policy: policy))
+    // Every error below becomes a response here, in the route's dialect.
     router.add(middleware: ErrorMiddleware(logger: state.logger))
-    let auth = AuthMiddleware<PatchbayRequestContext>(apiKey: configuration.apiKey, adminKey: configuration.adminKey)
+    // Requests a web page must not make never reach a route or the key check.
+    router.add(middleware: RequestGuard(policy: policy))
+    let auth = AuthMiddleware(apiKey: configuration.apiKey, adminKey: configuration.adminKey)
     if auth.isEnabled { router.add(middleware: auth) }
-    // For load balancers: 200 while serving, 503 once shutdown began.
-    router.get("/health") { _, _ in
-        state.isStopping
-            ? JSONResponse.value(.object([("status", .string("shutting_down"))]), status: .serviceUnavailable)
-            : JSONResponse.value(.object([("status", .string("ok")), ("plugins", .int(Int64(state.plugins.plugins.count))),
-                                          ("models", .int(Int64(state.models.models.count)))]))
+    for route in routes {
+        router.on(RouterPath(route.path), method: route.method, use: route.handler)
     }
-    router.get("/metrics") { _, _ in
-        guard state.metrics.registry != nil else { throw APIError.notFound("Metrics are off (--no-metrics).", code: "metrics_off") }
-        return state.metricsResponse()
-    }
-    ChatCompletionsRoutes(state: state).register(on: router)
-    MessagesRoutes(state: state).register(on: router)
-    CompletionsRoutes(state: state).register(on: router)
-    ResponsesRoutes(state: state).register(on: router)
-    EmbeddingsRoutes(state: state).register(on: router)
-    AudioRoutes(state: state).register(on: router)
-    ModelsRoutes(state: state).register(on: router)
-    InferenceRoutes(state: state).register(on: router)
-    PluginsRoutes(state: state).register(on: router)
-    WebRoutes(state: state).register(on: router)
     return Application(
         router: router,
         // A connection with no request in flight for two minutes is closed (a client that
@@ -48,15 +35,37 @@ public func buildApplication(state: ServerState) -> some ApplicationProtocol {
         logger: state.logger)
 }
 
-/// Every route's path, for the route label of the request metrics (anything else is
-/// "unmatched", so that scanners cannot make the label set grow without bound).
-let knownRoutes: Set<String> = [
-    "/health", "/metrics", "/", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
-    "/v1/models", "/v1/messages", "/v1/messages/count_tokens", "/v1/audio/transcriptions", "/api/inference/load",
-    "/api/inference/unload", "/api/inference/validate", "/api/inference/status", "/api/inference/load-progress",
-    "/api/inference/cancel", "/api/plugins", "/api/plugins/load",
-    "/ui/app.js", "/ui/markdown.js", "/ui/style.css", "/ui/favicon.svg",
-]
+/// Every route the server has, each declared once with its group: its dialect, its access
+/// class and its metric label come from there (`RouteTraits`).
+func declaredRoutes(_ state: ServerState) -> [DeclaredRoute] {
+    let openAI = RouteGroup.openAI
+    let maxAudioBytes = state.configuration.maxAudioBytes
+    let operations = [
+        // For load balancers: 200 while serving, 503 once shutdown began.
+        openAI.get("/health", access: .open) { _, _ in
+            state.isStopping
+                ? JSONResponse.value(.object([("status", .string("shutting_down"))]), status: .serviceUnavailable)
+                : JSONResponse.value(.object([("status", .string("ok")), ("plugins", .int(Int64(state.plugins.plugins.count))),
+                                              ("models", .int(Int64(state.models.models.count)))]))
+        },
+        openAI.get("/metrics", access: .management) { _, _ in
+            guard state.metrics.registry != nil else { throw APIError.notFound("Metrics are off (--no-metrics).", code: "metrics_off") }
+            return state.metricsResponse()
+        },
+    ]
+    let generations = [
+        openAI.post("/v1/chat/completions") { try await state.serveGeneration(ChatCompletionsRoute(maxAudioBytes: maxAudioBytes), $0, context: $1) },
+        openAI.post("/v1/completions") { try await state.serveGeneration(CompletionsRoute(), $0, context: $1) },
+        openAI.post("/v1/responses") { try await state.serveGeneration(ResponsesRoute(), $0, context: $1) },
+        openAI.post("/v1/audio/transcriptions", takesMultipartForm: true) {
+            try await state.serveGeneration(TranscriptionsRoute(maxAudioBytes: maxAudioBytes), $0, context: $1)
+        },
+        RouteGroup.anthropic.post("/v1/messages") { try await state.serveGeneration(MessagesRoute(), $0, context: $1) },
+        RouteGroup.anthropic.post("/v1/messages/count_tokens") { request, _ in try await state.countTokens(request) },
+    ]
+    return operations + generations + EmbeddingsRoutes(state: state).routes + ModelsRoutes(state: state).routes
+        + InferenceRoutes(state: state).routes + PluginsRoutes(state: state).routes + WebRoutes(state: state).routes
+}
 
 extension ServerState {
     /// `GET /metrics`: Prometheus's text format.

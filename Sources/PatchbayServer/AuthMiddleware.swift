@@ -3,13 +3,15 @@ import Hummingbird
 import PatchbayCore
 
 /// Checks API keys, sent as `Authorization: Bearer <key>` (OpenAI SDK) or `x-api-key: <key>`
-/// (Anthropic SDK). `/health` stays open for probes, and so do the web page's files (`/`,
-/// `/ui/...`: GETs of static files, no data).
+/// (Anthropic SDK), by the access class each route declares (`RouteTraits.Access`):
 ///
-/// - Inference routes need the API key when one is set (the admin key is accepted too).
-/// - Management routes (load, unload, validate, plugins) need the admin key when one is
-///   set, else the API key when that is set.
-struct AuthMiddleware<Context: RequestContext>: RouterMiddleware {
+/// - open routes (`/health`, the web page's files: no data) need no key; the page asks for
+///   one when an API call needs it;
+/// - inference routes need the API key when one is set (the admin key is accepted too);
+/// - management routes (load, unload, validate, plugins, metrics) need the admin key when
+///   one is set, else the API key when that is set.
+struct AuthMiddleware: RouterMiddleware {
+    typealias Context = PatchbayRequestContext
     let apiKey: String?
     let adminKey: String?
 
@@ -21,15 +23,14 @@ struct AuthMiddleware<Context: RequestContext>: RouterMiddleware {
     var isEnabled: Bool { apiKey != nil || adminKey != nil }
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        let path = request.uri.path
-        // The web page's own files carry no data; the page asks for a key when an API call needs one.
-        if path == "/health" || (request.method == .get && WebAssets.isPagePath(path)) { return try await next(request, context) }
+        let access = context.route.access
+        if access == .open { return try await next(request, context) }
         let presented = Self.presentedKeys(request.headers)
         func matches(_ key: String?) -> Bool {
             guard let key else { return false }
             return presented.contains { constantTimeEquals($0, key) }
         }
-        if Self.isManagement(path), let adminKey {
+        if access == .management, let adminKey {
             guard matches(adminKey) else {
                 throw APIError(status: 401, message: "This route needs the admin key.", code: "invalid_api_key")
             }
@@ -39,12 +40,6 @@ struct AuthMiddleware<Context: RequestContext>: RouterMiddleware {
             }
         }
         return try await next(request, context)
-    }
-
-    /// Routes that change what runs on the machine or reveal its files, and the metrics.
-    static func isManagement(_ path: String) -> Bool {
-        ["/api/inference/load", "/api/inference/unload", "/api/inference/validate", "/metrics"].contains(path)
-            || path == "/api/plugins" || path.hasPrefix("/api/plugins/")
     }
 
     static func presentedKeys(_ headers: HTTPFields) -> [String] {

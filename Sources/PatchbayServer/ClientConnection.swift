@@ -124,9 +124,11 @@ final class ClientDepartureHandler: ChannelInboundHandler, RemovableChannelHandl
 }
 
 /// The request context of every route: Hummingbird's basics plus the client's connection.
+/// Which route it serves is filled in by the outermost middleware (`AccessLog`).
 struct PatchbayRequestContext: RequestContext {
     var coreContext: CoreRequestContextStorage
     let connection: ClientConnection?
+    var route = RouteTraits(dialect: .openAI, access: .inference, label: "unmatched")
 
     init(source: ApplicationRequestContextSource) {
         coreContext = .init(source: source)

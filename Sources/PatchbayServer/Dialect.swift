@@ -1,22 +1,22 @@
 import Hummingbird
 import PatchbayCore
 
-/// Which error envelope a client expects, decided by the path it called.
-enum Dialect {
+/// Which error envelope a client expects: declared by the route group of the route it
+/// called (`RouteGroup`).
+enum Dialect: Sendable {
     /// `{"error":{message,type,param,code}}` — the OpenAI routes.
     case openAI
     /// `{"type":"error","error":{type,message}}` — `/v1/messages`.
     case anthropic
-    /// The OpenAI envelope plus FastAPI's `detail`, which Studio-style UIs read — `/api/*`.
-    case studio
+    /// The OpenAI envelope plus FastAPI's `detail`, which management UIs read — `/api/*`.
+    case management
 
-    init(path: String) {
-        if path.hasPrefix("/v1/messages") {
-            self = .anthropic
-        } else if path.hasPrefix("/api/") {
-            self = .studio
-        } else {
-            self = .openAI
+    /// The `dialect` label of the request metrics.
+    var metricLabel: String {
+        switch self {
+        case .openAI: "openAI"
+        case .anthropic: "anthropic"
+        case .management: "management"
         }
     }
 
@@ -25,7 +25,7 @@ enum Dialect {
         switch self {
         case .openAI: bytes = error.openAIEnvelope
         case .anthropic: bytes = error.anthropicEnvelope
-        case .studio:
+        case .management:
             bytes = error.openAIEnvelope
             bytes.removeLast()  // the closing brace: append "detail" beside "error"
             var detail = JSONWriter()

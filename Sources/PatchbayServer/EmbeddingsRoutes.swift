@@ -6,8 +6,8 @@ import PatchbayHost
 struct EmbeddingsRoutes {
     let state: ServerState
 
-    func register(on router: Router<PatchbayRequestContext>) {
-        router.post("/v1/embeddings") { request, _ in try await handle(request) }
+    var routes: [DeclaredRoute] {
+        [RouteGroup.openAI.post("/v1/embeddings") { request, _ in try await handle(request) }]
     }
 
     func handle(_ request: Request) async throws -> Response {

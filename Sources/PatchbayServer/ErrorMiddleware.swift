@@ -4,11 +4,12 @@ import PatchbayCore
 
 /// The one place errors become responses: every failure leaves in the caller's dialect,
 /// and nothing reaches a client as an opaque 500.
-struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
+struct ErrorMiddleware: RouterMiddleware {
+    typealias Context = PatchbayRequestContext
     let logger: Logger
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        let dialect = Dialect(path: request.uri.path)
+        let dialect = context.route.dialect
         do {
             return try await next(request, context)
         } catch let error as APIError {

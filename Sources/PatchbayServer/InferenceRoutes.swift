@@ -8,16 +8,18 @@ import PatchbayHost
 struct InferenceRoutes {
     let state: ServerState
 
-    func register(on router: Router<PatchbayRequestContext>) {
-        let group = router.group("/api/inference")
-        group.post("/load") { request, _ in try await load(request) }
-        group.post("/unload") { request, _ in try await unload(request) }
-        group.post("/validate") { request, _ in try await validate(request) }
-        group.get("/status") { _, _ in status() }
-        group.get("/load-progress") { request, _ in
-            progress(state.models.loadProgress(modelID: request.uri.queryParameters["model"].map(String.init)))
-        }
-        group.post("/cancel") { request, _ in try await cancel(request) }
+    var routes: [DeclaredRoute] {
+        let group = RouteGroup.management
+        return [
+            group.post("/api/inference/load", access: .management) { request, _ in try await load(request) },
+            group.post("/api/inference/unload", access: .management) { request, _ in try await unload(request) },
+            group.post("/api/inference/validate", access: .management) { request, _ in try await validate(request) },
+            group.get("/api/inference/status") { _, _ in status() },
+            group.get("/api/inference/load-progress") { request, _ in
+                progress(state.models.loadProgress(modelID: request.uri.queryParameters["model"].map(String.init)))
+            },
+            group.post("/api/inference/cancel") { request, _ in try await cancel(request) },
+        ]
     }
 
     private func load(_ request: Request) async throws -> Response {
@@ -64,7 +66,7 @@ struct InferenceRoutes {
         do {
             try ModelRegistry.checkModelFile(path)
         } catch {
-            throw APIError(status: 400, message: error.message, param: "model_path", code: error.code)  // Studio answers 400 here
+            throw APIError(status: 400, message: error.message, param: "model_path", code: error.code)  // a missing file is a 400 here, as management UIs expect
         }
         let plugin = try state.models.resolvePlugin(modelPath: path, backend: target.backend)
         let url = URL(fileURLWithPath: path)

@@ -71,59 +71,6 @@ extension ServerState {
         }
         return try await load.value
     }
-
-    /// Serves a request once its model is there. A stream whose model must be loaded first
-    /// commits to 200 at once and sends SSE keep-alive comments while the model loads (a
-    /// failure then arrives in-band, in the dialect's own shape); everything else waits.
-    func serve(model name: String?, streaming: Bool, dialect: Dialect,
-               _ body: @escaping @Sendable (LoadedModel) async throws -> Response) async throws -> Response {
-        guard streaming, needsLoad(name) else { return try await body(try await model(named: name)) }
-        let outcome = Mutex<Result<LoadedModel, any Error>?>(nil)
-        Task {
-            let result: Result<LoadedModel, any Error>
-            do { result = .success(try await model(named: name)) } catch { result = .failure(error) }
-            outcome.withLock { $0 = result }
-        }
-        let record = RequestRecord.current  // the body runs after the access log's scope
-        return Response(status: .ok, headers: eventStreamHeaders, body: ResponseBody { [self] writer in
-            var out: [UInt8] = []
-            var lastComment = ContinuousClock.now - configuration.keepAliveInterval
-            do {
-                while true {
-                    if let result = outcome.withLock({ $0 }) {
-                        let model = try result.get()
-                        let response = try await RequestRecord.$current.withValue(record) { try await body(model) }
-                        try await response.body.write(writer)
-                        return
-                    }
-                    if ContinuousClock.now - lastComment >= configuration.keepAliveInterval {
-                        out.removeAll(keepingCapacity: true)
-                        SSE.comment("loading model", into: &out)
-                        try await writer.write(ByteBuffer(bytes: out))
-                        lastComment = .now
-                    }
-                    try await Task.sleep(for: .milliseconds(20))
-                }
-            } catch let error as APIError {
-                out.removeAll()
-                dialect.inBandError(error, into: &out)
-                try await writer.write(ByteBuffer(bytes: out))
-                try await writer.finish(nil)
-            }
-        })
-    }
-}
-
-extension Dialect {
-    /// An error after a stream's 200 has gone out.
-    func inBandError(_ error: APIError, into out: inout [UInt8]) {
-        switch self {
-        case .anthropic:
-            var encoder = AnthropicStreamEncoder(id: "msg_\(randomHex(24))", model: "")
-            encoder.encode(.error(error), into: &out)
-        case .openAI, .studio: SSE.openAIError(error, into: &out)
-        }
-    }
 }
 
 /// Unloads models idle for longer than their `keep_alive`; checks twice a second.

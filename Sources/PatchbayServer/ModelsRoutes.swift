@@ -6,9 +6,13 @@ import PatchbayHost
 struct ModelsRoutes {
     let state: ServerState
 
-    func register(on router: Router<PatchbayRequestContext>) {
-        // Loaded models, then (with --models-dir) those a request can load by naming them.
-        router.get("/v1/models") { _, _ in
+    var routes: [DeclaredRoute] {
+        [listing, oneModel]
+    }
+
+    /// Loaded models, then (with --models-dir) those a request can load by naming them.
+    private var listing: DeclaredRoute {
+        RouteGroup.openAI.get("/v1/models") { _, _ in
             let loaded = state.models.models
             let available = state.availableModels.filter { file in !loaded.contains { $0.id == file.id } }
             return JSONResponse.value(.object([
@@ -16,8 +20,11 @@ struct ModelsRoutes {
                 ("data", .array(loaded.map(\.openAIModelObject) + available.map(\.openAIModelObject))),
             ]))
         }
-        // `**` so that an id with slashes ("org/model") is one model id.
-        router.get("/v1/models/**") { _, context in
+    }
+
+    /// `**` so that an id with slashes ("org/model") is one model id.
+    private var oneModel: DeclaredRoute {
+        RouteGroup.openAI.get("/v1/models/**", label: "/v1/models/{id}") { _, context in
             let id = context.parameters.getCatchAll().joined(separator: "/")
             guard let model = state.models.models.first(where: { $0.id == id }) else {
                 throw APIError(status: 404, message: "The model '\(id)' does not exist or is not loaded.", param: "model", code: "model_not_found")

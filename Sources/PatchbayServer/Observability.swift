@@ -182,24 +182,30 @@ public struct ServerMetrics: Sendable {
 /// written (a stream's tokens are known only then). `x-request-id` is taken from the
 /// client when it is sane, generated otherwise, echoed in the response, and handed to the
 /// plugin with the run, which names it in its own log lines.
-struct AccessLog<Context: RequestContext>: RouterMiddleware {
+///
+/// It is the outermost middleware, and tells the others which route they serve: the traits
+/// the route declared (`RouteTable`), found by the path the router matched.
+struct AccessLog: RouterMiddleware {
+    typealias Context = PatchbayRequestContext
     /// nil: no log lines (--no-access-log), the id and the metrics still.
     let logger: Logger?
     let metrics: ServerMetrics
-    let routes: Set<String>
+    let routes: RouteTable
 
     static var requestIDHeader: HTTPField.Name { HTTPField.Name("x-request-id")! }
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        var context = context
+        context.route = routes.traits(endpointPath: context.endpointPath, path: request.uri.path)
         let record = RequestRecord(id: Self.requestID(from: request.headers[Self.requestIDHeader]))
         var response = try await RequestRecord.$current.withValue(record) { try await next(request, context) }
         response.headers[Self.requestIDHeader] = record.id
         let status = Int(response.status.code)
         let body = response.body
         let (logger, metrics) = (logger, metrics)
-        let route = routes.contains(request.uri.path) ? request.uri.path : "unmatched"
+        let route = context.route.label
         let method = request.method.rawValue
-        let dialect = "\(Dialect(path: request.uri.path))"
+        let dialect = context.route.dialect.metricLabel
         let done: @Sendable () -> Void = {
             let duration = ContinuousClock.now - record.started
             metrics.request(route: route, dialect: dialect, status: status, duration: duration)

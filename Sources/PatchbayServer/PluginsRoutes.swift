@@ -7,14 +7,14 @@ import PatchbayHost
 struct PluginsRoutes {
     let state: ServerState
 
-    func register(on router: Router<PatchbayRequestContext>) {
-        router.get("/api/plugins") { _, _ in
+    var routes: [DeclaredRoute] {
+        [RouteGroup.management.get("/api/plugins", access: .management) { _, _ in
             JSONResponse.value(.object([
                 ("plugins", .array(state.plugins.plugins.map(\.descriptor))),
                 ("refused", .array(state.plugins.refusals.map { .object([("path", .string($0.path)), ("reason", .string($0.reason))]) })),
             ]))
-        }
-        router.post("/api/plugins/load") { request, _ in
+        },
+        RouteGroup.management.post("/api/plugins/load", access: .management) { request, _ in
             let load = try await state.decodeBody(PluginLoadRequest.self, of: request)
             let path = try pluginPath(load.path)
             do throws(PluginLoadError) {
@@ -24,7 +24,7 @@ struct PluginsRoutes {
                 let status = error.reason.hasPrefix("no such file") ? 404 : (error.reason.contains("already loaded") ? 409 : 400)
                 throw APIError(status: status, message: "Plugin refused: \(error.description)", param: "path", code: "plugin_refused")
             }
-        }
+        }]
     }
 }
 

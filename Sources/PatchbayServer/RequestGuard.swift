@@ -10,46 +10,40 @@ import PatchbayCore
 ///   allowed that origin (`--cors-origins`), which also answers CORS preflights.
 /// - A POST must say its body is JSON. A page can send `text/plain`, form or
 ///   multipart bodies cross-site without a preflight; a JSON content type it cannot.
-///   The one exception is OpenAI's audio upload, multipart by definition: there the
-///   `Origin` check above is what stops a page (browsers send `Origin` on every
+///   The one exception is a route that takes a multipart form (OpenAI's audio upload):
+///   there the `Origin` check above is what stops a page (browsers send `Origin` on every
 ///   cross-origin POST, forms included).
-struct RequestGuard<Context: RequestContext>: RouterMiddleware {
+///
+/// Refusals are thrown, and written by `ErrorMiddleware` in the route's dialect.
+struct RequestGuard: RouterMiddleware {
+    typealias Context = PatchbayRequestContext
     let policy: OriginPolicy
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        let dialect = Dialect(path: request.uri.path)
         // HTTP/1's Host header arrives as the request's authority.
         let host = request.head.authority
         if let host, !policy.allowsHost(host) {
-            return dialect.response(for: APIError(
-                status: 403, message: "Host '\(host)' is not allowed. Start patchbay with --allowed-hosts \(OriginPolicy.hostName(host)) to serve it.",
-                code: "host_not_allowed"))
+            throw APIError(status: 403, message: "Host '\(host)' is not allowed. Start patchbay with --allowed-hosts \(OriginPolicy.hostName(host)) to serve it.",
+                           code: "host_not_allowed")
         }
-        let origin = request.headers[.origin]
-        var allowedOrigin: String?
-        if let origin {
+        if let origin = request.headers[.origin] {
             if policy.allowsCrossOrigin(origin) {
-                allowedOrigin = origin
+                if request.method == .options, request.headers[.accessControlRequestMethod] != nil {
+                    var response = Response(status: .noContent)
+                    policy.addPreflightHeaders(to: &response.headers, requestedHeaders: request.headers[.accessControlRequestHeaders])
+                    return response
+                }
             } else if !OriginPolicy.isSameOrigin(origin, host: host) {
-                return dialect.response(for: APIError(
-                    status: 403, message: "Requests from web pages at '\(origin)' are not allowed. Start patchbay with --cors-origins \(origin) to allow them.",
-                    code: "origin_not_allowed"))
+                throw APIError(status: 403, message: "Requests from web pages at '\(origin)' are not allowed. Start patchbay with --cors-origins \(origin) to allow them.",
+                               code: "origin_not_allowed")
             }
         }
-        if request.method == .options, let allowedOrigin, request.headers[.accessControlRequestMethod] != nil {
-            var response = Response(status: .noContent)
-            policy.addPreflightHeaders(to: &response.headers, origin: allowedOrigin, requestedHeaders: request.headers[.accessControlRequestHeaders])
-            return response
+        let contentType = request.headers[.contentType]
+        if request.method == .post, !Self.isJSON(contentType), !(context.route.takesMultipartForm && Self.isMultipartForm(contentType)) {
+            throw APIError(status: 415, message: "Content-Type must be application/json (got \(contentType.map { "'\($0)'" } ?? "none")).",
+                           code: "unsupported_media_type")
         }
-        if request.method == .post, !Self.isJSON(request.headers[.contentType]),
-           !(request.uri.path == AudioRoutes.transcriptionsPath && Self.isMultipartForm(request.headers[.contentType])) {
-            let given = request.headers[.contentType].map { "'\($0)'" } ?? "none"
-            return dialect.response(for: APIError(
-                status: 415, message: "Content-Type must be application/json (got \(given)).", code: "unsupported_media_type"))
-        }
-        var response = try await next(request, context)
-        if let allowedOrigin { policy.addHeaders(to: &response.headers, origin: allowedOrigin) }
-        return response
+        return try await next(request, context)
     }
 
     static func isMultipartForm(_ contentType: String?) -> Bool {
@@ -61,6 +55,22 @@ struct RequestGuard<Context: RequestContext>: RouterMiddleware {
         guard let contentType else { return false }
         let mediaType = contentType.split(separator: ";", maxSplits: 1).first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
         return mediaType == "application/json" || (mediaType.hasPrefix("application/") && mediaType.hasSuffix("+json"))
+    }
+}
+
+/// Lets an allowed origin's pages read every answer, refusals and errors included: it sits
+/// outside the error middleware, so it sees each request's final response.
+struct CORSHeaders: RouterMiddleware {
+    typealias Context = PatchbayRequestContext
+    let policy: OriginPolicy
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        var response = try await next(request, context)
+        if let origin = request.headers[.origin], policy.allowsCrossOrigin(origin),
+           request.head.authority.map(policy.allowsHost) ?? true {
+            policy.addHeaders(to: &response.headers, origin: origin)
+        }
+        return response
     }
 }
 
@@ -105,8 +115,8 @@ struct OriginPolicy: Sendable {
         headers[.accessControlExposeHeaders] = "Retry-After"
     }
 
-    func addPreflightHeaders(to headers: inout HTTPFields, origin: String, requestedHeaders: String?) {
-        addHeaders(to: &headers, origin: origin)
+    /// What a preflight answer adds to the headers every answer to the origin gets (`CORSHeaders`).
+    func addPreflightHeaders(to headers: inout HTTPFields, requestedHeaders: String?) {
         headers[.accessControlAllowMethods] = "GET, POST, OPTIONS"
         headers[.accessControlAllowHeaders] = requestedHeaders ?? "authorization, content-type, x-api-key, anthropic-version"
         headers[.accessControlMaxAge] = "600"

@@ -15,19 +15,17 @@ import PatchbayCore
 struct WebRoutes {
     let state: ServerState
 
-    func register(on router: Router<PatchbayRequestContext>) {
+    /// One open route per file: these paths and no others are public.
+    var routes: [DeclaredRoute] {
         let assets = WebAssets.shared
         if assets.files.count < WebAssets.paths.count {
             state.logger.warning("the web page's files are missing; / and /ui/ answer 404", metadata: [
                 "looked_in": .string(WebAssets.directory().path),
             ])
         }
-        // One route per file, spelled out: these paths and no others are public (AuthMiddleware).
-        router.get("/") { _, _ in try assets.response(for: "/") }
-        router.get("/ui/app.js") { _, _ in try assets.response(for: "/ui/app.js") }
-        router.get("/ui/markdown.js") { _, _ in try assets.response(for: "/ui/markdown.js") }
-        router.get("/ui/style.css") { _, _ in try assets.response(for: "/ui/style.css") }
-        router.get("/ui/favicon.svg") { _, _ in try assets.response(for: "/ui/favicon.svg") }
+        return WebAssets.paths.keys.sorted().map { path in
+            RouteGroup.openAI.get(path, access: .open) { _, _ in try assets.response(for: path) }
+        }
     }
 }
 

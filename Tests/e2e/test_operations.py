@@ -8,6 +8,7 @@ import signal
 import socket
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -234,6 +235,34 @@ def test_metrics_move_as_streams_run(host, workdir):
     assert after['patchbay_active_runs{model="m"}'] == 0
     assert delta('patchbay_http_request_duration_seconds_count{route="/v1/chat/completions"}') == 4
     assert after.get('patchbay_generation_tokens_per_second_count{model="m"}', 0) >= 1
+
+
+def test_every_route_is_metered_under_the_label_it_declares(host):
+    """Each route's metric label comes from its declaration, so a route with a parameter is
+    one label, not "unmatched" (as GET /v1/models/{id} once was), and an unknown path is."""
+    host.load("org-model", reply="x")
+    before = metrics(host)
+    for model_id in ("org-model", "not-loaded"):
+        request = urllib.request.Request(host.base + f"/v1/models/{model_id}")
+        try:
+            urllib.request.urlopen(request, timeout=10).close()
+        except urllib.error.HTTPError as error:
+            assert error.code == 404
+    for path in ("/v1/nothing-here", "/api/nothing-here", "/v1/messages/nothing-here"):
+        try:
+            urllib.request.urlopen(urllib.request.Request(host.base + path), timeout=10).close()
+        except urllib.error.HTTPError as error:
+            assert error.code == 404
+    after = metrics(host)
+    def delta(key):
+        return after.get(key, 0) - before.get(key, 0)
+    assert delta('patchbay_http_requests_total{route="/v1/models/{id}",dialect="openAI",status="200"}') == 1
+    assert delta('patchbay_http_requests_total{route="/v1/models/{id}",dialect="openAI",status="404"}') == 1
+    # Unknown paths share one label, in the dialect of the part of the API they fall under.
+    assert delta('patchbay_http_requests_total{route="unmatched",dialect="openAI",status="404"}') == 1
+    assert delta('patchbay_http_requests_total{route="unmatched",dialect="management",status="404"}') == 1
+    assert delta('patchbay_http_requests_total{route="unmatched",dialect="anthropic",status="404"}') == 1
+    assert not [key for key in after if "studio" in key]
 
 
 def test_metrics_need_the_admin_key_like_the_management_routes(workdir):

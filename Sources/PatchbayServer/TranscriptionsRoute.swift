@@ -6,47 +6,38 @@ import PatchbayCore
 import PatchbayHost
 
 /// `POST /v1/audio/transcriptions`: OpenAI's multipart form, answered by a model whose
-/// plugin transcribes (the whisper backend). Registered with the cancel registry like a
-/// generation (`cancel_id`, `session_id` form fields).
-struct AudioRoutes {
-    static let transcriptionsPath = "/v1/audio/transcriptions"
-    let state: ServerState
+/// plugin transcribes (the whisper backend); cancellable like any generation (`cancel_id`,
+/// `session_id` form fields).
+struct TranscriptionsRoute: GenerationRoute {
+    static let idPrefix = "transcription-"
+    let maxAudioBytes: Int
 
-    func register(on router: Router<PatchbayRequestContext>) {
-        router.post("/v1/audio/transcriptions") { request, context in
-            try await handle(request, connection: context.connection)
-        }
-    }
-
-    func handle(_ request: Request, connection: ClientConnection?) async throws -> Response {
-        let limit = state.configuration.maxAudioBytes
+    func decode(_ request: Request, server: ServerState) async throws -> TranscriptionRequest {
         // The form's other fields are small; the file is what the limit is about.
-        let body = try await request.collectBody(limit: limit + 64 * 1024)
+        let body = try await request.collectBody(limit: maxAudioBytes + 64 * 1024)
         let form = try MultipartForm.parse(body, contentType: request.headers[.contentType])
-        if let file = form.first(where: { $0.name == "file" }), file.body.count > limit {
-            throw APIError(status: 413, message: "The audio file (\(file.body.count) bytes) exceeds the limit of \(limit) bytes.",
+        if let file = form.first(where: { $0.name == "file" }), file.body.count > maxAudioBytes {
+            throw APIError(status: 413, message: "The audio file (\(file.body.count) bytes) exceeds the limit of \(maxAudioBytes) bytes.",
                            param: "file", code: "file_too_large")
         }
-        let transcription = try TranscriptionRequest(form: form)
-        let model = try await state.model(named: transcription.model)
-        guard model.capabilities.contains(.transcription) else {
-            throw APIError.invalidRequest("Model '\(model.id)' (backend '\(model.plugin.name)') does not transcribe audio; load a Whisper model.",
-                                          param: "model", code: "unsupported_capability")
-        }
-        let pending = try state.enterQueue(on: model, request: transcription.normalized(maxWallMilliseconds: state.maxWallMilliseconds), keys: [
-            transcription.cancelID.map(CancelRegistry.Key.cancelID), transcription.sessionID.map(CancelRegistry.Key.session),
-            .completion("transcription-\(randomHex(24))"),
-        ].compactMap { $0 }, connection: connection)
-
-        if transcription.stream {
-            return try await pending.stream(encoder: TranscriptionStreamEncoder())
-        }
-        var result = TranscriptionResult()
-        try await pending.run().pump { events in events.forEach { result.add($0) } }
-        if let error = result.error { throw error }
-        let (bytes, contentType) = result.response(format: transcription.responseFormat)
-        return Response(status: .ok, headers: [.contentType: contentType], body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+        return try TranscriptionRequest(form: form)
     }
+
+    func plan(_ transcription: TranscriptionRequest, id: String, model: LoadedModel, limits: GenerationLimits) throws -> GenerationPlan {
+        let format = transcription.responseFormat
+        return GenerationPlan(request: transcription.normalized(maxWallMilliseconds: limits.maxWallMilliseconds), reply: transcription.stream
+            ? .stream(TranscriptionStreamEncoder())
+            : .collect(Collected(TranscriptionResult()) { result in
+                let (bytes, contentType) = result.response(format: format)
+                return Response(status: .ok, headers: [.contentType: contentType], body: ResponseBody(byteBuffer: ByteBuffer(bytes: bytes)))
+            }))
+    }
+}
+
+extension TranscriptionRequest: GenerationRequestBody {
+    var modelName: String? { model }
+    var isStreaming: Bool { stream }
+    func validate() {}  // checked while the form is read
 }
 
 /// `multipart/form-data` bodies, parsed with MultipartKit's parser.
