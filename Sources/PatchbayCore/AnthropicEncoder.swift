@@ -60,13 +60,17 @@ public struct AnthropicStreamEncoder: EventStreamEncoder {
             }
             Self.event("message_stop", into: &out) { $0.raw("{\"type\":\"message_stop\"}") }
         case .error(let error):
-            Self.event("error", into: &out) { json in
-                json.raw("{\"type\":\"error\",\"error\":{\"type\":")
-                json.string(error.anthropicType)
-                json.raw(",\"message\":")
-                json.string(error.message)
-                json.raw("}}")
-            }
+            encode(error: APIError(error), into: &out)
+        }
+    }
+
+    public func encode(error: APIError, into out: inout [UInt8]) {
+        Self.event("error", into: &out) { json in
+            json.raw("{\"type\":\"error\",\"error\":{\"type\":")
+            json.string(error.anthropicType)
+            json.raw(",\"message\":")
+            json.string(error.message)
+            json.raw("}}")
         }
     }
 

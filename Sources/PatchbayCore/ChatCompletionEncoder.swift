@@ -83,8 +83,12 @@ public struct ChatCompletionStreamEncoder: EventStreamEncoder {
             }
             SSE.done(into: &out)
         case .error(let error):
-            SSE.openAIError(error, into: &out)
+            encode(error: APIError(error), into: &out)
         }
+    }
+
+    public func encode(error: APIError, into out: inout [UInt8]) {
+        SSE.openAIError(error, into: &out)
     }
 
     private mutating func frame(into out: inout [UInt8], delta body: (inout JSONWriter) -> Void) {
@@ -137,7 +141,7 @@ public struct ChatCompletionAccumulator: Sendable {
         case .usage(let usage): self.usage = usage
         case .timings, .progress, .segment, .language: break
         case .finish(let reason): finishReason = reason
-        case .error(let error): self.error = error
+        case .error(let error): self.error = APIError(error)
         }
     }
 

@@ -114,8 +114,12 @@ public struct CompletionStreamEncoder: EventStreamEncoder {
             }
             SSE.done(into: &out)
         case .error(let error):
-            SSE.openAIError(error, into: &out)
+            encode(error: APIError(error), into: &out)
         }
+    }
+
+    public func encode(error: APIError, into out: inout [UInt8]) {
+        SSE.openAIError(error, into: &out)
     }
 
     private func chunk(_ text: String, finish: FinishReason?, into out: inout [UInt8]) {

@@ -14,7 +14,7 @@ public enum GenerationEvent: Sendable, Equatable {
     /// Terminal.
     case finish(FinishReason)
     /// Terminal.
-    case error(APIError)
+    case error(HostError)
 
     public var isTerminal: Bool {
         switch self {
@@ -126,4 +126,7 @@ public struct Timings: Sendable, Equatable {
 /// Turns generation events into one dialect's streamed frames.
 public protocol EventStreamEncoder: Sendable {
     mutating func encode(_ event: GenerationEvent, into out: inout [UInt8])
+    /// An error after the stream began: the engine's (an `.error` event) or the server's
+    /// (a queue timeout), as the stream's last frame.
+    mutating func encode(error: APIError, into out: inout [UInt8])
 }

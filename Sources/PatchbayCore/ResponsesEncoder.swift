@@ -54,10 +54,15 @@ public struct ResponseState: Sendable {
             finish = reason
             return nil
         case .error(let error):
-            self.error = error
+            fail(APIError(error))
             return nil
         }
         return (items.count - 1, true)
+    }
+
+    /// The response failed (the engine's error, or the server's before the engine ran).
+    public mutating func fail(_ error: APIError) {
+        self.error = error
     }
 
     var status: String {
@@ -169,13 +174,33 @@ public struct ResponsesStreamEncoder: EventStreamEncoder {
         self.state = state
     }
 
-    public mutating func encode(_ event: GenerationEvent, into out: inout [UInt8]) {
-        if !started {
-            started = true
-            let snapshot = state
-            emit("response.created", into: &out) { $0.raw(",\"response\":"); snapshot.render(into: &$0) }
-            emit("response.in_progress", into: &out) { $0.raw(",\"response\":"); snapshot.render(into: &$0) }
+    public mutating func encode(error: APIError, into out: inout [UInt8]) {
+        start(into: &out)
+        if !state.items.isEmpty { close(state.items.count - 1, into: &out) }
+        state.fail(error)
+        finish(into: &out)
+    }
+
+    /// `response.created` and `response.in_progress`, before the first event.
+    private mutating func start(into out: inout [UInt8]) {
+        guard !started else { return }
+        started = true
+        let snapshot = state
+        emit("response.created", into: &out) { $0.raw(",\"response\":"); snapshot.render(into: &$0) }
+        emit("response.in_progress", into: &out) { $0.raw(",\"response\":"); snapshot.render(into: &$0) }
+    }
+
+    /// `response.completed`, or `response.failed` once the state holds an error.
+    private mutating func finish(into out: inout [UInt8]) {
+        let final = state
+        emit(final.error == nil ? "response.completed" : "response.failed", into: &out) {
+            $0.raw(",\"response\":")
+            final.render(into: &$0)
         }
+    }
+
+    public mutating func encode(_ event: GenerationEvent, into out: inout [UInt8]) {
+        start(into: &out)
         let openBefore = state.items.count
         let piece: String
         switch event {
@@ -184,11 +209,7 @@ public struct ResponsesStreamEncoder: EventStreamEncoder {
         case .finish, .error:
             if openBefore > 0 { close(openBefore - 1, into: &out) }
             state.add(event)
-            let final = state
-            emit(event.isError ? "response.failed" : "response.completed", into: &out) {
-                $0.raw(",\"response\":")
-                final.render(into: &$0)
-            }
+            finish(into: &out)
             return
         case .usage, .timings, .progress, .segment, .language:
             state.add(event)
@@ -303,9 +324,3 @@ public struct ResponsesStreamEncoder: EventStreamEncoder {
     }
 }
 
-extension GenerationEvent {
-    var isError: Bool {
-        if case .error = self { return true }
-        return false
-    }
-}

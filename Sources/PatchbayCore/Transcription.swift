@@ -149,7 +149,7 @@ public struct TranscriptionResult: Sendable {
         case .segment(let segment): segments.append(segment)
         case .language(let code, _): language = code
         case .usage(let usage): self.usage = usage
-        case .error(let error): self.error = error
+        case .error(let error): self.error = APIError(error)
         default: break
         }
     }
@@ -269,9 +269,13 @@ public struct TranscriptionStreamEncoder: EventStreamEncoder {
             json.raw("}")
             SSE.data(json.bytes, into: &out)
         case .error(let error):
-            SSE.openAIError(error, into: &out)
+            encode(error: APIError(error), into: &out)
         default: break
         }
+    }
+
+    public func encode(error: APIError, into out: inout [UInt8]) {
+        SSE.openAIError(error, into: &out)
     }
 }
 

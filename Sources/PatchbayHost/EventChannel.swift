@@ -63,8 +63,8 @@ final class EventChannel: Sendable {
                         return (true, nil)
                     }
                     if state.overflowed, case .finish = event {
-                        event = .error(APIError(status: 503, message: "The client did not read the response fast enough; the generation was stopped.",
-                                                code: "client_too_slow"))
+                        event = .error(HostError(.unavailable, "The client did not read the response fast enough; the generation was stopped.",
+                                                 code: "client_too_slow"))
                     }
                 }
                 state.buffer.append(event)

@@ -65,15 +65,19 @@ public final class LoadedModel: Sendable {
 
     /// Creates a run for a normalized request. Cheap; the engine starts in `Run.start()`.
     /// Byte inputs go to plugins that take them; for the others, images stay `data:` URLs.
-    public func createRun(_ request: NormalizedRequest) throws(APIError) -> Run {
+    public func createRun(_ request: NormalizedRequest) throws(HostError) -> Run {
         var request = request
         var inputs: ByteInputStorage?
         if plugin.acceptsByteInputs {
-            try request.moveImagesToByteInputs()
+            do {
+                try request.moveImagesToByteInputs()
+            } catch {
+                throw HostError(.invalidRequest, error.message, param: error.param, code: error.code)
+            }
             inputs = ByteInputStorage(request.inputs)
         } else if !request.inputs.isEmpty {
-            throw .invalidRequest("The backend '\(plugin.name)' of model '\(id)' does not accept audio or file inputs.",
-                                  param: "model", code: "unsupported_capability")
+            throw HostError(.invalidRequest, "The backend '\(plugin.name)' of model '\(id)' does not accept audio or file inputs.",
+                            param: "model", code: "unsupported_capability")
         }
         let json = request.json.jsonString
         // Recorded before the plugin sees the run, so an unload in between waits for it.
@@ -88,7 +92,7 @@ public final class LoadedModel: Sendable {
         }
         guard status == Int32(PB_OK), let handle else {
             runEnded(runID)
-            throw APIError(pluginStatus: status, message: cMessage(error) ?? "the plugin refused the request")
+            throw HostError(pluginStatus: status, message: cMessage(error) ?? "the plugin refused the request")
         }
         let run = Run(model: self, id: runID, handle: handle, inputs: inputs)
         let accepting = runState.withLock { state in
@@ -100,9 +104,9 @@ public final class LoadedModel: Sendable {
     }
 
     /// Records a run or plugin call about to start, so the model is not released under it.
-    private func beginCall() throws(APIError) -> UInt64 {
-        try runState.withLock { state throws(APIError) -> UInt64 in
-            guard state.accepting else { throw .notFound("Model '\(id)' is being unloaded.", code: "model_not_found") }
+    private func beginCall() throws(HostError) -> UInt64 {
+        try runState.withLock { state throws(HostError) -> UInt64 in
+            guard state.accepting else { throw HostError(.notFound, "Model '\(id)' is being unloaded.", code: "model_not_found") }
             state.nextRunID += 1
             state.runs[state.nextRunID] = WeakRun(nil)
             return state.nextRunID
@@ -180,29 +184,29 @@ public final class LoadedModel: Sendable {
     }
 
     /// Counts tokens through the plugin's optional tokenize capability.
-    public func countTokens(_ request: NormalizedRequest) async throws(APIError) -> Int {
+    public func countTokens(_ request: NormalizedRequest) async throws(HostError) -> Int {
         guard let countTokens = plugin.table.count_tokens, capabilities.contains(.tokenize) else {
             throw .invalidRequest("The backend '\(plugin.name)' of model '\(id)' cannot count tokens.", code: "unsupported_capability")
         }
         let json = request.json.jsonString
-        return try await pluginCall(name: "patchbay-count-tokens") { handle throws(APIError) in
+        return try await pluginCall(name: "patchbay-count-tokens") { handle throws(HostError) in
             var count: Int64 = 0
             var error = [CChar](repeating: 0, count: 1024)
             let status = countTokens(handle, json, &count, &error, error.count)
             guard status == Int32(PB_OK) else {
-                throw APIError(pluginStatus: status, message: cMessage(error) ?? "token counting failed")
+                throw HostError(pluginStatus: status, message: cMessage(error) ?? "token counting failed")
             }
             return Int(count)
         }
     }
 
     /// Embeds one text through the plugin's optional embeddings capability.
-    public func embed(_ text: String) async throws(APIError) -> [Float] {
+    public func embed(_ text: String) async throws(HostError) -> [Float] {
         guard let embed = plugin.table.embed, capabilities.contains(.embeddings) else {
             throw .invalidRequest("Model '\(id)' (backend '\(plugin.name)') does not support embeddings.",
                                   param: "model", code: "unsupported_capability")
         }
-        return try await pluginCall(name: "patchbay-embed") { handle throws(APIError) in
+        return try await pluginCall(name: "patchbay-embed") { handle throws(HostError) in
             var vector = [Float](repeating: 0, count: 1024)
             var error = [CChar](repeating: 0, count: 1024)
             var dimensions = 0
@@ -215,7 +219,7 @@ public final class LoadedModel: Sendable {
                 vector = [Float](repeating: 0, count: dimensions)
             }
             guard status == Int32(PB_OK) else {
-                throw APIError(pluginStatus: status, message: cMessage(error) ?? "embedding failed")
+                throw HostError(pluginStatus: status, message: cMessage(error) ?? "embedding failed")
             }
             return Array(vector.prefix(dimensions))
         }
@@ -223,11 +227,11 @@ public final class LoadedModel: Sendable {
 
     /// A blocking plugin call on a thread of its own (a plugin may do I/O), tracked like a
     /// run so that an unload waits for it instead of freeing the model under it.
-    private func pluginCall<T: Sendable>(name: String, _ body: @escaping @Sendable (OpaquePointer) throws(APIError) -> T) async throws(APIError) -> T {
+    private func pluginCall<T: Sendable>(name: String, _ body: @escaping @Sendable (OpaquePointer) throws(HostError) -> T) async throws(HostError) -> T {
         let callID = try beginCall()
         defer { runEnded(callID) }
-        let result: Result<T, APIError> = await onDedicatedThread(name: name) { [self] in
-            Result { () throws(APIError) in try body(self.handle) }
+        let result: Result<T, HostError> = await onDedicatedThread(name: name) { [self] in
+            Result { () throws(HostError) in try body(self.handle) }
         }
         return try result.get()
     }

@@ -53,7 +53,7 @@ public final class ModelRegistry: Sendable {
     public var loadingIDs: [String] { state.withLock { $0.loading.keys.sorted() } }
 
     /// The model a request names. No name (or "default") means the model loaded first.
-    public func model(named name: String?) throws(APIError) -> LoadedModel {
+    public func model(named name: String?) throws(HostError) -> LoadedModel {
         let models = self.models
         guard let name, !name.isEmpty, name != "default" else {
             guard let first = models.first else {
@@ -62,7 +62,7 @@ public final class ModelRegistry: Sendable {
             return first
         }
         guard let model = models.first(where: { $0.id == name || $0.modelPath == name }) else {
-            throw APIError(status: 404, message: "The model '\(name)' does not exist or is not loaded.", param: "model", code: "model_not_found")
+            throw .notFound("The model '\(name)' does not exist or is not loaded.", param: "model", code: "model_not_found")
         }
         return model
     }
@@ -71,7 +71,7 @@ public final class ModelRegistry: Sendable {
     /// plugin is probed; among those that can load the file, the first in
     /// `backendPreference` wins, then the highest probe score, then the name in
     /// alphabetical order (so the choice never depends on the order plugins were found).
-    public func resolvePlugin(modelPath path: String, backend: String?) throws(APIError) -> Plugin {
+    public func resolvePlugin(modelPath path: String, backend: String?) throws(HostError) -> Plugin {
         if let backend, !backend.isEmpty {
             guard let plugin = plugins.plugin(named: backend) else {
                 let known = plugins.plugins.map(\.name).joined(separator: ", ")
@@ -97,16 +97,15 @@ public final class ModelRegistry: Sendable {
     }
 
     /// Loads a model; blocks the caller (not a thread) until it is ready, failed or cancelled.
-    /// `body` is the whole load request, handed to the plugin as JSON.
-    public func load(_ request: LoadModelRequest, body: JSONValue) async throws(APIError) -> (model: LoadedModel, alreadyLoaded: Bool) {
-        try request.validate()
+    /// `body` is the whole load request, handed to the plugin as JSON; `request` was validated.
+    public func load(_ request: LoadModelRequest, body: JSONValue) async throws(HostError) -> (model: LoadedModel, alreadyLoaded: Bool) {
         let path = request.modelPath
         try Self.checkModelFile(path)
         let plugin = try resolvePlugin(modelPath: path, backend: request.backend)
         let id = request.alias ?? URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent
         let tracker = LoadTracker(modelID: id)
 
-        let existing = try state.withLock { state throws(APIError) -> LoadedModel? in
+        let existing = try state.withLock { state throws(HostError) -> LoadedModel? in
             if state.closed { throw Self.shuttingDown }
             if state.loading[id] != nil { throw .conflict("Model '\(id)' is already loading.", code: "load_in_progress") }
             if let model = state.models.first(where: { $0.id == id }), request.forceReload != true { return model }
@@ -128,7 +127,7 @@ public final class ModelRegistry: Sendable {
 
         logger.info("loading model", metadata: ["model": .string(id), "backend": .string(plugin.name), "path": .string(path)])
         let requestJSON = body.jsonString
-        let outcome = await onDedicatedThread(name: "patchbay-load") { () -> Result<LoadedModel, APIError> in
+        let outcome = await onDedicatedThread(name: "patchbay-load") { () -> Result<LoadedModel, HostError> in
             var callbacks = pb_load_callbacks(
                 struct_size: UInt32(MemoryLayout<pb_load_callbacks>.size),
                 context: Unmanaged.passUnretained(tracker).toOpaque(),
@@ -147,7 +146,7 @@ public final class ModelRegistry: Sendable {
                 if status == Int32(PB_ERR_CANCELLED) || tracker.isCancelled {
                     return .failure(.conflict("Model load cancelled: \(message)", code: "load_cancelled"))
                 }
-                return .failure(APIError(pluginStatus: status, message: message))
+                return .failure(HostError(pluginStatus: status, message: message))
             }
             return .success(LoadedModel(id: id, modelPath: path, plugin: plugin, handle: handle,
                                          queueCapacity: self.queueCapacity))
@@ -173,7 +172,7 @@ public final class ModelRegistry: Sendable {
     /// With live runs: 409, unless `forceCancelActive`, which cancels them and waits for them to end.
     /// Returns the id that was unloaded.
     @discardableResult
-    public func unload(named name: String, forceCancelActive: Bool) async throws(APIError) -> String {
+    public func unload(named name: String, forceCancelActive: Bool) async throws(HostError) -> String {
         func named(_ model: LoadedModel) -> Bool { model.id == name || model.modelPath == name }
         let (tracker, loaded, leaving) = state.withLock { state in
             (state.loading[name], state.models.first(where: named), state.unloading.first(where: named))
@@ -186,10 +185,10 @@ public final class ModelRegistry: Sendable {
             try await unload(model, forceCancelActive: forceCancelActive || loaded == nil)
             return model.id
         }
-        throw APIError(status: 404, message: "The model '\(name)' is not loaded.", param: "model_path", code: "model_not_found")
+        throw HostError.notFound("The model '\(name)' is not loaded.", param: "model_path", code: "model_not_found")
     }
 
-    private func unload(_ model: LoadedModel, forceCancelActive: Bool) async throws(APIError) {
+    private func unload(_ model: LoadedModel, forceCancelActive: Bool) async throws(HostError) {
         let unfinished = model.unfinishedRunCount
         if !forceCancelActive && unfinished > 0 {
             throw .conflict("Model '\(model.id)' has \(unfinished) active generation(s); cancel them or pass force_cancel_active=true.",
@@ -223,10 +222,10 @@ public final class ModelRegistry: Sendable {
 
     /// A model is a file (or a folder, for engines whose models are folders): never a
     /// device, pipe or socket, which a plugin would read forever.
-    public static func checkModelFile(_ path: String) throws(APIError) {
+    public static func checkModelFile(_ path: String) throws(HostError) {
         var info = stat()
         guard stat(path, &info) == 0 else {
-            throw APIError(status: 404, message: "Model file not found: \(path)", param: "model_path", code: "model_not_found")
+            throw .notFound("Model file not found: \(path)", param: "model_path", code: "model_not_found")
         }
         let type = info.st_mode & S_IFMT
         guard type == S_IFREG || type == S_IFDIR else {
@@ -234,7 +233,7 @@ public final class ModelRegistry: Sendable {
         }
     }
 
-    public static let shuttingDown = APIError(status: 503, message: "The server is shutting down.", code: "server_shutting_down")
+    public static let shuttingDown = HostError(.unavailable, "The server is shutting down.", code: "server_shutting_down")
 
     /// Progress of the named load, or of the latest one.
     public func loadProgress(modelID: String? = nil) -> LoadProgress {

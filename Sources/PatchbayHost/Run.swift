@@ -111,8 +111,8 @@ public final class Run: Sendable {
             // The contract says every run ends with one terminal event; a plugin that
             // broke it must not leave its client waiting forever.
             if !ended.load(ordering: .acquiring) {
-                deliver(.error(APIError(status: 502, message: "The backend '\(model.plugin.name)' ended the run without a result.",
-                                        code: "plugin_error")))
+                deliver(.error(HostError(.engineFailed, "The backend '\(model.plugin.name)' ended the run without a result.",
+                                         code: "plugin_error")))
             }
             destroy()
         }
@@ -224,8 +224,8 @@ extension GenerationEvent {
             self = .finish(event.finish_reason == Int32(PB_FINISH_STOP_SEQUENCE) ? .stopSequence(text()) : FinishReason(event.finish_reason))
         case Int32(PB_EVENT_ERROR):
             let message = text()
-            self = .error(APIError(pluginStatus: event.error_code, message: message.isEmpty ? "the engine failed" : message,
-                                   retryAfterMilliseconds: Int(event.retry_after_ms)))
+            self = .error(HostError(pluginStatus: event.error_code, message: message.isEmpty ? "the engine failed" : message,
+                                    retryAfterMilliseconds: Int(event.retry_after_ms)))
         default:
             return nil
         }
@@ -244,31 +244,26 @@ extension FinishReason {
     }
 }
 
-extension APIError {
-    /// Maps a plugin status code to what the client sees. Busy, overloaded and timed-out
-    /// engines tell the client when to try again (at least a second, `Retry-After`'s unit).
+extension HostError {
+    /// What a plugin's status code means. Busy, overloaded and timed-out engines say when
+    /// to try again.
     public init(pluginStatus status: pb_status, message: String, retryAfterMilliseconds: Int = 0) {
-        let retryAfter = max(1, (retryAfterMilliseconds + 999) / 1000)
         switch status {
-        case Int32(PB_ERR_INVALID_REQUEST): self = .invalidRequest(message)
-        case Int32(PB_ERR_NOT_FOUND): self = .notFound(message, code: "not_found")
-        case Int32(PB_ERR_UNSUPPORTED): self = .invalidRequest(message, code: "unsupported_parameter")
-        case Int32(PB_ERR_LOAD_FAILED): self = APIError(status: 500, message: message, code: "load_failed")
-        case Int32(PB_ERR_CANCELLED): self = APIError(status: 499, message: message, code: "cancelled")
-        case Int32(PB_ERR_CONTEXT_LENGTH_EXCEEDED):
-            self = .invalidRequest(message, param: "messages", code: "context_length_exceeded")
+        case Int32(PB_ERR_INVALID_REQUEST): self.init(.invalidRequest, message)
+        case Int32(PB_ERR_NOT_FOUND): self.init(.notFound, message, code: "not_found")
+        case Int32(PB_ERR_UNSUPPORTED): self.init(.invalidRequest, message, code: "unsupported_parameter")
+        case Int32(PB_ERR_LOAD_FAILED): self.init(.failed, message, code: "load_failed")
+        case Int32(PB_ERR_CANCELLED): self.init(.cancelled, message, code: "cancelled")
+        case Int32(PB_ERR_CONTEXT_LENGTH_EXCEEDED): self.init(.invalidRequest, message, param: "messages", code: "context_length_exceeded")
         case Int32(PB_ERR_ENGINE_UNAVAILABLE) where retryAfterMilliseconds > 0:
             // Down for a known while (a crashing engine backed off): unavailable, try later.
-            self = APIError(status: 503, message: message, code: "engine_unavailable", retryAfterSeconds: retryAfter)
-        case Int32(PB_ERR_ENGINE_UNAVAILABLE): self = APIError(status: 502, message: message, code: "engine_unavailable")
-        case Int32(PB_ERR_OUT_OF_MEMORY): self = APIError(status: 507, message: message, code: "out_of_memory")
-        case Int32(PB_ERR_BUSY):
-            self = APIError(status: 429, message: message, code: "rate_limit_exceeded", retryAfterSeconds: retryAfter)
-        case Int32(PB_ERR_OVERLOADED):
-            self = APIError(status: 503, message: message, code: "engine_overloaded", retryAfterSeconds: retryAfter)
-        case Int32(PB_ERR_TIMED_OUT):
-            self = APIError(status: 503, message: message, code: "engine_timeout", retryAfterSeconds: retryAfter)
-        default: self = APIError(status: 500, message: message, code: "engine_error")
+            self.init(.unavailable, message, code: "engine_unavailable", retryAfterMilliseconds: retryAfterMilliseconds)
+        case Int32(PB_ERR_ENGINE_UNAVAILABLE): self.init(.engineFailed, message, code: "engine_unavailable")
+        case Int32(PB_ERR_OUT_OF_MEMORY): self.init(.outOfMemory, message, code: "out_of_memory")
+        case Int32(PB_ERR_BUSY): self.init(.busy, message, code: "rate_limit_exceeded", retryAfterMilliseconds: retryAfterMilliseconds)
+        case Int32(PB_ERR_OVERLOADED): self.init(.unavailable, message, code: "engine_overloaded", retryAfterMilliseconds: retryAfterMilliseconds)
+        case Int32(PB_ERR_TIMED_OUT): self.init(.unavailable, message, code: "engine_timeout", retryAfterMilliseconds: retryAfterMilliseconds)
+        default: self.init(.failed, message, code: "engine_error")
         }
     }
 }

@@ -14,6 +14,8 @@ struct ErrorMiddleware: RouterMiddleware {
             return try await next(request, context)
         } catch let error as APIError {
             return dialect.response(for: error)
+        } catch let error as HostError {
+            return dialect.response(for: APIError(error))
         } catch let error as any HTTPResponseError {
             return dialect.response(for: APIError(httpError: error, request: request))
         } catch {

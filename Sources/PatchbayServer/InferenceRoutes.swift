@@ -26,6 +26,7 @@ struct InferenceRoutes {
         if state.isStopping { throw ModelRegistry.shuttingDown }
         let body = try await request.collectBody(limit: state.configuration.maxBodyBytes)
         let load = try RequestDecoding.decode(LoadModelRequest.self, from: body)
+        try load.validate()
         let raw = try RequestDecoding.decode(JSONValue.self, from: body)
         let started = ContinuousClock.now
         let model: LoadedModel, alreadyLoaded: Bool

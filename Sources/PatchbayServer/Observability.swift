@@ -50,7 +50,7 @@ final class RequestRecord: Sendable {
             case .finish(let reason):
                 state.finish = reason.logName
             case .error(let error):
-                state.finish = "error:\(error.code ?? String(error.status))"
+                state.finish = "error:\(error.code ?? String(APIError(error).status))"
             default: break
             }
         }

@@ -75,7 +75,7 @@ struct EncodingTests {
     @Test func midStreamErrorIsInBandThenDone() throws {
         var encoder = ChatCompletionStreamEncoder(id: "c", created: 1, model: "m", includeUsage: false)
         var out: [UInt8] = []
-        encoder.encode(.error(APIError(status: 502, message: "lost connection to the model server", code: "engine_unavailable")), into: &out)
+        encoder.encode(.error(HostError(.engineFailed, "lost connection to the model server", code: "engine_unavailable")), into: &out)
         let (objects, done) = try frames(out)
         #expect(done)
         #expect((objects[0]["error"] as? [String: Any])?["message"] as? String == "lost connection to the model server")

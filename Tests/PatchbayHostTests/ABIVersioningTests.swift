@@ -35,8 +35,9 @@ struct ABIVersioningTests {
             Issue.record("not an error event")
             return
         }
-        #expect(error.status == 429)
-        #expect(error.retryAfterSeconds == 1)
+        #expect(error.kind == .busy)
+        #expect(APIError(error).status == 429)
+        #expect(APIError(error).retryAfterSeconds == 1)
     }
 
     @Test func unknownEventTypesFromANewerMinorAreSkipped() {
@@ -49,11 +50,19 @@ struct ABIVersioningTests {
         #expect(GenerationEvent(event) == .finish(.stop))
     }
 
+    /// The host names the failure; the server's mapping gives the status a client sees.
     @Test func busyOverloadedAndTimedOutCarryRetryAfter() {
-        #expect(APIError(pluginStatus: Int32(PB_ERR_BUSY), message: "", retryAfterMilliseconds: 1500).retryAfterSeconds == 2)
-        let overloaded = APIError(pluginStatus: Int32(PB_ERR_OVERLOADED), message: "warming up")
+        func client(_ status: pb_status, retryAfterMilliseconds: Int = 0) -> APIError {
+            APIError(HostError(pluginStatus: status, message: "warming up", retryAfterMilliseconds: retryAfterMilliseconds))
+        }
+        #expect(client(Int32(PB_ERR_BUSY), retryAfterMilliseconds: 1500).retryAfterSeconds == 2)
+        let overloaded = client(Int32(PB_ERR_OVERLOADED))
         #expect(overloaded.status == 503 && overloaded.retryAfterSeconds == 1 && overloaded.anthropicType == "overloaded_error")
-        #expect(APIError(pluginStatus: Int32(PB_ERR_TIMED_OUT), message: "").status == 503)
-        #expect(APIError(pluginStatus: Int32(PB_ERR_INTERNAL), message: "").retryAfterSeconds == nil)
+        #expect(client(Int32(PB_ERR_TIMED_OUT)).status == 503)
+        #expect(client(Int32(PB_ERR_INTERNAL)).retryAfterSeconds == nil)
+        #expect(client(Int32(PB_ERR_CANCELLED)).status == 499)
+        #expect(client(Int32(PB_ERR_OUT_OF_MEMORY)).status == 507)
+        #expect(client(Int32(PB_ERR_ENGINE_UNAVAILABLE)).status == 502)
+        #expect(client(Int32(PB_ERR_ENGINE_UNAVAILABLE), retryAfterMilliseconds: 4000).status == 503)
     }
 }

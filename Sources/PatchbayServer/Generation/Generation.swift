@@ -125,7 +125,7 @@ final class Generation: Sendable {
 
     /// Hands `request` to the engine. A generation cancelled before this point starts
     /// cancelled: the engine ends it at once.
-    func start(_ request: NormalizedRequest) throws(APIError) {
+    func start(_ request: NormalizedRequest) throws(HostError) {
         guard let model = inner.withLock({ $0.model }) else { return }
         var request = request
         request.requestID = record?.id

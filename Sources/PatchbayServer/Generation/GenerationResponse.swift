@@ -118,9 +118,10 @@ struct GenerationResponse<Route: GenerationRoute>: Sendable {
                     }
                     try await write(out, to: &writer)
                 }
-            } catch let error as APIError {
+            } catch let error where error is APIError || error is HostError {
                 var out: [UInt8] = []
-                if encoder != nil { encoder?.encode(.error(error), into: &out) } else { dialect.inBandError(error, into: &out) }
+                if encoder == nil { encoder = dialect.errorEncoder }
+                encoder?.encode(error: APIError(from: error), into: &out)
                 try await write(out, to: &writer)
             }
             generation.end()
@@ -245,13 +246,12 @@ extension Optional {
 }
 
 extension Dialect {
-    /// An error after a stream's 200 has gone out, before its encoder exists.
-    func inBandError(_ error: APIError, into out: inout [UInt8]) {
+    /// How an error after a stream's 200 is written before the route's own encoder exists
+    /// (the model failed to load).
+    var errorEncoder: any EventStreamEncoder {
         switch self {
-        case .anthropic:
-            var encoder = AnthropicStreamEncoder(id: "msg_\(randomHex(24))", model: "")
-            encoder.encode(.error(error), into: &out)
-        case .openAI, .management: SSE.openAIError(error, into: &out)
+        case .anthropic: AnthropicStreamEncoder(id: "msg_\(randomHex(24))", model: "")
+        case .openAI, .management: ChatCompletionStreamEncoder(id: "", created: 0, model: "", includeUsage: false)
         }
     }
 }
