@@ -1,6 +1,7 @@
 import Foundation
 
-/// `POST /v1/chat/completions`, as OpenAI defines it plus the x-unsloth extensions.
+/// `POST /v1/chat/completions`, as OpenAI defines it plus the sampling, reasoning and cancel
+/// fields local servers add (llama-server's `top_k`, `min_p`, ...; `session_id`, `cancel_id`).
 /// Unknown fields are accepted and ignored.
 public struct ChatCompletionRequest: Decodable, Sendable {
     public var model: String?
@@ -22,7 +23,7 @@ public struct ChatCompletionRequest: Decodable, Sendable {
     public var parallelToolCalls: Bool?
     public var responseFormat: JSONValue?
     public var chatTemplateKwargs: JSONValue?
-    // x-unsloth extensions
+    // Beyond OpenAI: llama.cpp-style sampling, reasoning switches, cancel keys.
     public var topK: Int?
     public var minP: Double?
     public var repetitionPenalty: Double?

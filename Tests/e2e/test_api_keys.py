@@ -29,29 +29,35 @@ NOT_JSON = PAGE | {("GET", "/metrics")}
 API_ONLY = {("GET", "/api/inference/status"), ("GET", "/api/inference/load-progress"),
             ("POST", "/api/inference/cancel")}
 
-REGISTRATION = re.compile(r"\b(\w+)\s*\.\s*(get|post|put|patch|delete|head|on)\s*\(\s*\"([^\"]*)\"")
-ANY_REGISTRATION = re.compile(r"\b(\w+)\s*\.\s*(?:get|post|put|patch|delete|head|on)\s*\(")
-GROUP = re.compile(r"\blet\s+(\w+)\s*=\s*(\w+)\s*\.\s*group\s*\(\s*\"([^\"]*)\"\s*\)")
+# Routes are declared on a route group (Routing/Routes.swift): `openAI.post("/v1/...")`,
+# `RouteGroup.management.get("/api/...")`, or on a local name for one of them.
+GROUP_NAMES = {"RouteGroup.openAI", "RouteGroup.anthropic", "RouteGroup.management"}
+REGISTRATION = re.compile(r"((?:RouteGroup\.)?\w+)\s*\.\s*(get|post|put|patch|delete|head|on)\s*\(\s*\"([^\"]*)\"")
+ANY_REGISTRATION = re.compile(r"((?:RouteGroup\.)?\w+)\s*\.\s*(?:get|post|put|patch|delete|head|on)\s*\(")
+GROUP = re.compile(r"\blet\s+(\w+)\s*=\s*(RouteGroup\.\w+)\b")
+# The page's files are routes made from one list in WebRoutes.swift: its entries, path first.
+PAGE_FILE = re.compile(r"\"(/[^\"]*)\"\s*[:,]\s*\"[\w.-]+\.(?:html|js|css|svg|png|ico)\"")
 
 
 def registered_routes() -> set[tuple[str, str]]:
-    """(method, path) of every route registered in Sources/PatchbayServer, groups resolved.
-    A registration this cannot resolve fails, rather than being left out."""
+    """(method, path) of every route declared in Sources/PatchbayServer. A declaration this
+    cannot read fails, rather than being left out."""
     routes = set()
-    for source in sorted(ROUTE_SOURCES.glob("*.swift")):
+    for source in sorted(ROUTE_SOURCES.rglob("*.swift")):
         text = source.read_text()
-        prefixes = {"router": ""}
-        for name, parent, prefix in GROUP.findall(text):
-            assert parent in prefixes, f"{source.name}: group {name} on unknown {parent}"
-            prefixes[name] = prefixes[parent] + prefix
+        groups = set(GROUP_NAMES)
+        for name, group in GROUP.findall(text):
+            assert group in GROUP_NAMES, f"{source.name}: {name} is not a known route group ({group})"
+            groups.add(name)
         for receiver, method, path in REGISTRATION.findall(text):
-            assert receiver in prefixes, f"{source.name}: a route on {receiver!r}, which this test cannot resolve"
-            routes.add((method.upper(), prefixes[receiver] + path))
-        # A registration on the router or a group whose path is not a plain string literal.
+            if receiver in groups:
+                routes.add((method.upper(), path))
+        # A declaration whose path is not a plain string literal: only the page's file list.
         for call in ANY_REGISTRATION.finditer(text):
-            if call.group(1) in prefixes:
-                assert REGISTRATION.match(text, call.start()), \
+            if call.group(1) in groups and not REGISTRATION.match(text, call.start()):
+                assert source.name == "WebRoutes.swift", \
                     f"{source.name}: cannot read the path of {text[call.start():call.start() + 80]!r}"
+                routes |= {("GET", path) for path in PAGE_FILE.findall(text)}
     return routes
 
 
@@ -70,8 +76,8 @@ def test_the_route_list_is_read_from_the_sources_and_every_route_is_classified()
 
 
 def concrete(path: str) -> str:
-    """A path a request can take: `{id+}` and other parameters become a plain segment."""
-    return re.sub(r"\{[^}]*\}", "some-model", path)
+    """A path a request can take: `{id}`, `**` and other parameters become a plain segment."""
+    return re.sub(r"\{[^}]*\}|\*\*", "some-model", path)
 
 
 def call(server: Server, route, key_headers: dict) -> int:
