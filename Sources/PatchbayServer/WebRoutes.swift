@@ -15,35 +15,66 @@ import PatchbayCore
 struct WebRoutes {
     let state: ServerState
 
-    /// One open route per file: these paths and no others are public.
+    /// One open route per file of `WebAssets.pageFiles`: these paths and no others are public.
     var routes: [DeclaredRoute] {
         let assets = WebAssets.shared
-        if assets.files.count < WebAssets.paths.count {
+        if assets.files.count < WebAssets.pageFiles.count {
             state.logger.warning("the web page's files are missing; / and /ui/ answer 404", metadata: [
                 "looked_in": .string(WebAssets.directory().path),
             ])
         }
-        return WebAssets.paths.keys.sorted().map { path in
-            RouteGroup.openAI.get(path, access: .open) { _, _ in try assets.response(for: path) }
+        return WebAssets.pageFiles.map { file in
+            RouteGroup.openAI.get(file.path, access: .open) { _, _ in try assets.response(for: file.path) }
         }
+    }
+}
+
+/// One of the page's files: the path it is served at, its name in the Web folder, and the
+/// content type it goes out with.
+struct PageFile: Sendable {
+    let path: String
+    let name: String
+    let contentType: ContentType
+
+    init(_ path: String, _ name: String, _ contentType: ContentType) {
+        self.path = path
+        self.name = name
+        self.contentType = contentType
+    }
+
+    enum ContentType: String, Sendable {
+        case html = "text/html; charset=utf-8"
+        /// What a `<script type="module">` and its imports must be served as (a browser refuses
+        /// a module script of any other type, and `nosniff` is on).
+        case javaScript = "text/javascript; charset=utf-8"
+        case css = "text/css; charset=utf-8"
+        case svg = "image/svg+xml"
     }
 }
 
 /// The page's files, read once at start.
 struct WebAssets: Sendable {
-    /// Where each file is served, and its name in the Web folder.
-    static let paths = [
-        "/": "index.html", "/ui/app.js": "app.js", "/ui/markdown.js": "markdown.js", "/ui/style.css": "style.css",
-        "/ui/favicon.svg": "favicon.svg",
+    /// Every file of the page, the one list the routes and the files read at start come from.
+    /// app.js is the entry module; the other scripts are the modules it imports.
+    static let pageFiles: [PageFile] = [
+        PageFile("/", "index.html", .html),
+        PageFile("/ui/app.js", "app.js", .javaScript),
+        PageFile("/ui/page.js", "page.js", .javaScript),
+        PageFile("/ui/api.js", "api.js", .javaScript),
+        PageFile("/ui/models.js", "models.js", .javaScript),
+        PageFile("/ui/conversations.js", "conversations.js", .javaScript),
+        PageFile("/ui/transcript.js", "transcript.js", .javaScript),
+        PageFile("/ui/run.js", "run.js", .javaScript),
+        PageFile("/ui/audio.js", "audio.js", .javaScript),
+        PageFile("/ui/markdown.js", "markdown.js", .javaScript),
+        PageFile("/ui/style.css", "style.css", .css),
+        PageFile("/ui/favicon.svg", "favicon.svg", .svg),
     ]
 
     /// The files found, by the path they are served at.
     let files: [String: WebFile]
 
     static let shared = WebAssets(directory: directory())
-
-    /// Whether `path` is one of the page's own files (public, like `/health`).
-    static func isPagePath(_ path: String) -> Bool { paths[path] != nil }
 
     static let pageHeaders: HTTPFields = [
         .contentSecurityPolicy: "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -55,17 +86,11 @@ struct WebAssets: Sendable {
         .cacheControl: "no-cache",
     ]
 
-    static let contentTypes = [
-        "html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8",
-        "svg": "image/svg+xml", "png": "image/png", "ico": "image/x-icon", "json": "application/json",
-    ]
-
     init(directory: URL) {
         var files: [String: WebFile] = [:]
-        for (path, name) in Self.paths {
-            let url = directory.appendingPathComponent(name)
-            guard let data = try? Data(contentsOf: url) else { continue }
-            files[path] = WebFile(bytes: [UInt8](data), contentType: Self.contentTypes[url.pathExtension] ?? "application/octet-stream")
+        for file in Self.pageFiles {
+            guard let data = try? Data(contentsOf: directory.appendingPathComponent(file.name)) else { continue }
+            files[file.path] = WebFile(bytes: [UInt8](data), contentType: file.contentType.rawValue)
         }
         self.files = files
     }

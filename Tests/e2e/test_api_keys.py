@@ -14,8 +14,9 @@ ROUTE_SOURCES = ROOT / "Sources" / "PatchbayServer"
 
 # The web page's static files (WebRoutes.swift): public GETs that carry no data; the page
 # asks for a key when an API call needs one.
-PAGE = {("GET", "/"), ("GET", "/ui/app.js"), ("GET", "/ui/markdown.js"), ("GET", "/ui/style.css"),
-        ("GET", "/ui/favicon.svg")}
+PAGE = {("GET", path) for path in (
+    "/", "/ui/app.js", "/ui/page.js", "/ui/api.js", "/ui/models.js", "/ui/conversations.js", "/ui/transcript.js",
+    "/ui/run.js", "/ui/audio.js", "/ui/markdown.js", "/ui/style.css", "/ui/favicon.svg")}
 # Open without a key: health probes and the page.
 OPEN = {("GET", "/health")} | PAGE
 # The management routes: they change what runs on the machine or reveal its files, and need
