@@ -281,7 +281,9 @@ def distinct_partial_lengths(page: Page, until_words: int, timeout=15) -> list[i
 
 # ─── The files ────────────────────────────────────────────────────────────────────────
 
-PAGE_FILES = {"/": "text/html", "/ui/app.js": "text/javascript", "/ui/markdown.js": "text/javascript",
+SCRIPTS = ("app.js", "page.js", "api.js", "models.js", "conversations.js", "transcript.js", "run.js", "audio.js",
+           "markdown.js")
+PAGE_FILES = {"/": "text/html", **{f"/ui/{name}": "text/javascript" for name in SCRIPTS},
               "/ui/style.css": "text/css", "/ui/favicon.svg": "image/svg+xml"}
 
 
@@ -338,7 +340,7 @@ def test_the_page_is_public_static_and_locked_down(workdir):
         for name in ("index.html", "style.css"):
             assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", (WEB / name).read_text(), re.I), \
                 f"{name} refers to another origin"
-        for name in ("app.js", "markdown.js"):
+        for name in SCRIPTS:
             code = (WEB / name).read_text()
             for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
                 assert sink not in code, f"{name} uses {sink}: model text must only ever become text nodes"
