@@ -8,7 +8,9 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "patchbay", targets: ["patchbay"]),
-        // The reference backend plugin: a plain-C template for third-party authors.
+        // The reference backend plugin: the scripted test engine (plugin name "reference", `.ref`
+        // models) that the tests, benchmarks and `patchbay plugin check` drive. Authors start from
+        // Examples/CPlugin, Examples/RustPlugin or Examples/SwiftPlugin instead.
         .library(name: "PatchbayReferencePlugin", type: .dynamic, targets: ["PatchbayReferencePlugin"]),
         // The backends that ship with Patchbay.
         .library(name: "PatchbayLlamaServerPlugin", type: .dynamic, targets: ["PatchbayLlamaServerPlugin"]),
@@ -79,7 +81,7 @@ let package = Package(
             cSettings: pluginCSettings),
         .target(
             name: "PatchbayReferencePlugin", dependencies: ["CPatchbayABI", "PatchbayPluginSupport"],
-            path: "Examples/ReferencePlugin", publicHeadersPath: ".", cSettings: pluginCSettings),
+            path: "Tests/ScriptedPlugin", publicHeadersPath: ".", cSettings: pluginCSettings),
         .target(
             name: "PatchbayLlamaServerPlugin", dependencies: ["CPatchbayABI", "PatchbayPluginSupport"],
             path: "Plugins/LlamaServer", publicHeadersPath: ".", cSettings: pluginCSettings,

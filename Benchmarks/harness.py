@@ -217,7 +217,7 @@ class PatchbayServer:
         raise RuntimeError(f"patchbay did not start:\n{self.log_tail()}")
 
     def model_file(self, name: str, **settings) -> str:
-        """Writes a reference-engine model file (see Examples/ReferencePlugin) and returns its path."""
+        """Writes a reference-engine model file (see Tests/ScriptedPlugin/reference_plugin.c) and returns its path."""
         path = self.workdir / f"{name}.ref"
         path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         return str(path)

@@ -22,7 +22,8 @@
  *   cc -shared -fPIC -fvisibility=hidden -I Sources/CPatchbayABI/include
  *      -I Plugins/PluginSupport/include Tests/compat/reference_cut_to_1_0.c
  *      Plugins/PluginSupport/json_buffer.c Plugins/PluginSupport/json_reader.c
- *      Plugins/PluginSupport/plugin_util.c -o libreference_cut.so -lpthread -lm
+ *      Plugins/PluginSupport/plugin_events.c Plugins/PluginSupport/plugin_util.c
+ *      -o libreference_cut.so -lpthread -lm
  */
 
 /* Include the plugin with its entry point renamed and made static, so that
@@ -31,7 +32,7 @@
 #undef PB_EXPORT
 #define PB_EXPORT static
 #define pb_plugin_entry reference_entry_1_1
-#include "../../Examples/ReferencePlugin/reference_plugin.c"
+#include "../ScriptedPlugin/reference_plugin.c"
 #undef pb_plugin_entry
 #undef PB_EXPORT
 #define PB_EXPORT __attribute__((visibility("default")))

@@ -2,7 +2,7 @@
 # Builds a C plugin with a sanitizer and runs `patchbay plugin check` on it.
 #
 #   Tests/conformance/check_sanitized.sh address|thread|undefined PLUGIN.c [checker options …]
-#   e.g. Tests/conformance/check_sanitized.sh address Examples/ReferencePlugin/reference_plugin.c
+#   e.g. Tests/conformance/check_sanitized.sh address Tests/ScriptedPlugin/reference_plugin.c
 #
 # The plugin is compiled with -fsanitize=KIND (with Plugins/PluginSupport's sources, as the
 # C plugins here are) into a temporary library. The patchbay binary is not sanitized: the

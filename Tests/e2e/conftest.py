@@ -283,7 +283,7 @@ class Server:
                                       "timeout": 60, **kw})
 
     def model_file(self, name: str, **settings) -> str:
-        """Writes a reference-engine model (see Examples/ReferencePlugin) and returns its path."""
+        """Writes a reference-engine model (see Tests/ScriptedPlugin/reference_plugin.c) and returns its path."""
         path = self.workdir / f"{name}.ref"
         path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         return str(path)

@@ -249,7 +249,7 @@ def test_a_client_that_leaves_during_prefill_stops_the_engine(server, workdir):
 def build_alternative_reference(workdir: Path, name: str, score: int) -> Path:
     """A second copy of the reference plugin under another name, that claims the same files."""
     out = workdir / f"lib{name}.so"
-    sources = [ROOT / "Examples/ReferencePlugin/reference_plugin.c", *(ROOT / "Plugins/PluginSupport").glob("*.c")]
+    sources = [ROOT / "Tests/ScriptedPlugin/reference_plugin.c", *(ROOT / "Plugins/PluginSupport").glob("*.c")]
     subprocess.run(["cc", "-shared", "-fPIC", "-fvisibility=hidden", f"-DREFERENCE_PLUGIN_NAME=\"{name}\"",
                     f"-DREFERENCE_PROBE_SCORE={score}", "-I", str(ROOT / "Sources/CPatchbayABI/include"),
                     "-I", str(ROOT / "Plugins/PluginSupport/include"), "-o", str(out), *map(str, sources), "-lpthread"],

@@ -182,7 +182,7 @@ def sanitized(source: Path, out: Path, kind: str) -> Path:
 
 @pytest.mark.timeout(180)
 def test_reference_plugin_under_address_sanitizer(workdir):
-    plugin = sanitized(ROOT / "Examples" / "ReferencePlugin" / "reference_plugin.c", workdir / "libreference-asan.so", "address")
+    plugin = sanitized(ROOT / "Tests" / "ScriptedPlugin" / "reference_plugin.c", workdir / "libreference-asan.so", "address")
     status, clauses, report = check(plugin, "--time-scale", 3)
     assert report["preloaded"] and report["preloaded"][0].startswith("libasan.so"), report["preloaded"]
     assert_passes(status, clauses, allowed_na={"cancel-during-prefill[transcription]", "blocking-sink"})

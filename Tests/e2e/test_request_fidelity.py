@@ -89,7 +89,7 @@ def recorder_library(tmp_path_factory) -> Path:
     result = subprocess.run(
         ["cc", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden",
          f"-I{ROOT / 'Sources' / 'CPatchbayABI' / 'include'}", f"-I{SUPPORT / 'include'}",
-         f"-I{ROOT / 'Examples' / 'ReferencePlugin'}", "-o", str(library), str(source),
+         f"-I{ROOT / 'Tests' / 'ScriptedPlugin'}", "-o", str(library), str(source),
          *sorted(str(p) for p in SUPPORT.glob("*.c")), "-lpthread", "-lm"],
         capture_output=True, text=True)
     assert result.returncode == 0, f"cannot build the recorder plugin:\n{result.stderr}"

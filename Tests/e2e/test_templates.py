@@ -1,10 +1,11 @@
-"""The plugin templates (Examples/RustPlugin, Examples/SwiftPlugin) as a backend author gets
-them: each is copied with patchbay.h alone into a temporary folder, built there with its own
-build.sh (cargo --offline; swiftc), and the library it made is the only plugin of a real
+"""The plugin templates (Examples/CPlugin, Examples/RustPlugin, Examples/SwiftPlugin) as a
+backend author gets them: each is copied with patchbay.h alone (the C one also with the plugin
+support files it vendors, in its support/ folder) into a temporary folder, built there with its
+own build.sh (cc; cargo --offline; swiftc), and the library it made is the only plugin of a real
 `patchbay serve`, which serves chats to the official openai SDK, streaming and not, and stops
 one mid-stream through POST /api/inference/cancel.
 
-scripts/test also builds both into the build folder (build_template_plugins in
+scripts/test also builds all three into the build folder (build_template_plugins in
 scripts/lib/engines.sh); the last test checks that it did. Without cargo the Rust tests skip,
 which PATCHBAY_REQUIRE_ENGINES=1 (scripts/test) turns into failures.
 """
@@ -24,6 +25,7 @@ import conftest
 from conftest import BUILD_DIR, ROOT, start_server, start_thread, stop_and_clean_up, wait_for
 
 HEADER = ROOT / "Sources" / "CPatchbayABI" / "include" / "patchbay.h"
+SUPPORT = ROOT / "Plugins" / "PluginSupport"
 
 # Building a template from scratch (cargo's std-only crate, swiftc -O) takes a few seconds
 # on an idle machine, more on a busy one; pytest.ini's 60 s covers the tests, not the build.
@@ -32,15 +34,19 @@ pytestmark = pytest.mark.timeout(300)
 
 @dataclass(frozen=True)
 class Template:
-    key: str        # "rust" | "swift"
+    key: str        # "c" | "rust" | "swift"
     folder: str     # under Examples/
     tool: str       # what builds it
     library: str    # what build.sh leaves in its output folder
     name: str       # the plugin's name (pb_plugin_api.name)
     extension: str  # the model files it claims
+    vendored: tuple[str, ...] = ()  # Plugins/PluginSupport files an author copies into its support/
 
 
 TEMPLATES = [
+    Template("c", "CPlugin", "cc", "libc_template_plugin.so", "c-template", "echo",
+             vendored=("include/plugin_events.h", "plugin_events.c", "include/plugin_util.h", "plugin_util.c",
+                       "include/json_reader.h", "json_reader.c")),
     Template("rust", "RustPlugin", "cargo", "librust_template_plugin.so", "rust-template", "rsmodel"),
     Template("swift", "SwiftPlugin", "swiftc", "libswift_template_plugin.so", "swift-template", "swiftmodel"),
 ]
@@ -63,12 +69,17 @@ def built(request, tmp_path_factory):
     source = root / "my-plugin"
     # What an author copies: the template's own files, no build products of a checkout.
     shutil.copytree(ROOT / "Examples" / template.folder, source,
-                    ignore=shutil.ignore_patterns("target", "*-target", "*-build"))
+                    ignore=shutil.ignore_patterns("target", "*-target", "*-build", "support"))
     shutil.copy(HEADER, root / "patchbay.h")
+    if template.vendored:
+        (source / "support").mkdir()
+        for name in template.vendored:
+            shutil.copy(SUPPORT / name, source / "support")
     started = time.monotonic()
     # CARGO_TARGET_DIR from the caller's environment would build elsewhere: the test wants
     # everything in its own folder.
-    env = {k: v for k, v in os.environ.items() if k != "CARGO_TARGET_DIR"}
+    # PATCHBAY_PLUGIN_SUPPORT would point the C build back into the checkout.
+    env = {k: v for k, v in os.environ.items() if k not in ("CARGO_TARGET_DIR", "PATCHBAY_PLUGIN_SUPPORT")}
     result = subprocess.run([str(source / "build.sh"), str(root / "patchbay.h"), str(root / "out")],
                             cwd=root, env=env, capture_output=True, text=True, timeout=280)
     output = result.stdout + result.stderr
@@ -237,7 +248,7 @@ def test_errors_reach_the_client(template_server, template):
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=[t.key for t in TEMPLATES])
 def test_the_setup_built_it_for_the_other_tests(template):
-    """scripts/test builds both templates into the build folder (build_template_plugins)."""
+    """scripts/test builds every template into the build folder (build_template_plugins)."""
     if not shutil.which(template.tool):
         pytest.skip(f"needs {template.tool}: scripts/test builds the {template.key} template only with it")
     library = BUILD_DIR / template.library

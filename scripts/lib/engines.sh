@@ -224,16 +224,19 @@ build_whisper_plugin() {
     cmake --build "$build" -j"$(nproc)" >>"$build.log" 2>&1 || { tail -40 "$build.log"; return 1; }
 }
 
-# --- The plugin templates (Examples/RustPlugin, Examples/SwiftPlugin) ----------------------
+# --- The plugin templates (Examples/CPlugin, Examples/RustPlugin, Examples/SwiftPlugin) ---
 
-# Builds the Rust and Swift plugin templates into $1 with their own build.sh, from the ABI
-# header alone, as a backend author would: librust_template_plugin.so (only when cargo is
-# installed; Tests/e2e/test_templates.py then fails for want of it under scripts/test) and
+# Builds the C, Rust and Swift plugin templates into $1 with their own build.sh, from the ABI
+# header (the C one with Plugins/PluginSupport's plugin_events, plugin_util and json_reader), as
+# a backend author would: libc_template_plugin.so, librust_template_plugin.so (only when cargo
+# is installed; Tests/e2e/test_templates.py then fails for want of it under scripts/test) and
 # libswift_template_plugin.so. Their names do not match libPatchbay*Plugin.so, so
 # assemble_plugin_dir leaves them out of scripts/run's plugin folder.
 build_template_plugins() {
     local out_dir="$1" header="Sources/CPatchbayABI/include/patchbay.h"
     echo "==> building the plugin templates"
+    Examples/CPlugin/build.sh "$header" "$out_dir" >"$out_dir/c-template-build.log" 2>&1 \
+        || { tail -30 "$out_dir/c-template-build.log"; return 1; }
     if command -v cargo >/dev/null; then
         Examples/RustPlugin/build.sh "$header" "$out_dir" >"$out_dir/rust-template-build.log" 2>&1 \
             || { tail -30 "$out_dir/rust-template-build.log"; return 1; }

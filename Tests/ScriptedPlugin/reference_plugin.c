@@ -1,6 +1,9 @@
 /*
  * The Patchbay reference plugin: the whole ABI (1.1), implemented by a
- * deterministic scripted engine. Copy this file to start a backend of your own.
+ * deterministic scripted engine that the host's tests, benchmarks and
+ * `patchbay plugin check` drive through its settings. It is a test engine, not
+ * a template: a plugin author starts from Examples/CPlugin (or the Rust and
+ * Swift templates beside it).
  *
  * A "model" is a small text file ending in `.ref` with `key=value` lines:
  *
@@ -40,11 +43,11 @@
  * the segments' timestamps, and `transcript` is what they say.
  *
  * Versioning, both ways (see the top of patchbay.h): this file is compiled
- * against 1.1, but it may be loaded by a 1.0 host. So it keeps the host's
- * table, sends what 1.1 added (progress, segment and language events, the
- * stop-sequence finish, busy errors, retry-after) only when the host's
- * abi_minor says it understands them, and reads or writes every struct the
- * host owns only inside that struct's struct_size (PB_HAS).
+ * against 1.1, but it may be loaded by a 1.0 host. Every event goes out
+ * through plugin_emit (Plugins/PluginSupport/plugin_events.h), which keeps
+ * what 1.1 added (progress, segment and language events, the stop-sequence
+ * finish, busy errors, retry-after) from a 1.0 host; and every struct the host
+ * owns is read or written only inside that struct's struct_size (PB_HAS).
  *
  * Threads: without `batching`, a run decodes on the host's thread that called
  * run_execute (the simple way). With `batching=1`, runs are handed to one
@@ -56,6 +59,7 @@
 #include "patchbay.h"
 #include "json_buffer.h"
 #include "json_reader.h"
+#include "plugin_events.h"
 #include "plugin_util.h"
 
 #include <errno.h>
@@ -74,13 +78,8 @@
 #define REFERENCE_PROBE_SCORE 100
 #endif
 
-/* The host's table, kept for logging and for its abi_minor. */
-static const pb_host_api *g_host;
 /* Models loaded and not yet unloaded, so shutdown can tell if the host forgot one. */
 static int g_live_models;
-
-/* Whether the host understands what ABI 1.1 added (event types, finishes, codes). */
-static int host_speaks_1_1(void) { return g_host && g_host->abi_minor >= 1; }
 
 static char *dup_string(const char *s) {
     size_t n = strlen(s) + 1;
@@ -316,8 +315,8 @@ static pb_status ref_load(const char *request_json, const pb_load_callbacks *cal
      * promises that to a PB_FLAG_BATCHING plugin). A 1.0 host's on_event may
      * block on one slow client, which would stall every run on the shared
      * thread, so with such a host each run decodes on its own thread. */
-    if (m->batching && !host_speaks_1_1()) {
-        plugin_log(g_host, PB_LOG_WARNING, "%s: batching=1 needs an ABI 1.1 host; decoding each run on its own thread",
+    if (m->batching && plugin_host_minor() < 1) {
+        plugin_log(plugin_host, PB_LOG_WARNING, "%s: batching=1 needs an ABI 1.1 host; decoding each run on its own thread",
                    m->path);
         m->batching = 0;
     }
@@ -328,7 +327,7 @@ static pb_status ref_load(const char *request_json, const pb_load_callbacks *cal
     }
     write_stats(m);
     __atomic_add_fetch(&g_live_models, 1, __ATOMIC_SEQ_CST);
-    plugin_log(g_host, PB_LOG_INFO, "loaded %s (context %lld, %d slots%s)", m->path, (long long)m->context_length,
+    plugin_log(plugin_host, PB_LOG_INFO, "loaded %s (context %lld, %d slots%s)", m->path, (long long)m->context_length,
                m->slots, m->batching ? ", batching" : "");
     *out_model = m;
     return PB_OK;
@@ -358,7 +357,7 @@ static void ref_model_info(pb_model *model, pb_model_info *info) {
 static void ref_unload(pb_model *model) {
     __atomic_sub_fetch(&g_live_models, 1, __ATOMIC_SEQ_CST);
     /* Logged so that a test can count unloads from the engine's side. */
-    plugin_log(g_host, PB_LOG_INFO, "unloaded %s", model->path);
+    plugin_log(plugin_host, PB_LOG_INFO, "unloaded %s", model->path);
     free_model(model);
 }
 
@@ -706,7 +705,7 @@ static pb_status ref_run_create_with_inputs(pb_model *model, const char *request
     const char *kind = json_get_string(request, "kind");
     if (kind && !strcmp(kind, "transcription")) {
         /* A 1.0 host never sends this kind; if one did, it could not take the events. */
-        if (!host_speaks_1_1()) {
+        if (plugin_host_minor() < 1) {
             plugin_set_error(error, error_size, "transcription needs an ABI 1.1 host");
             status = PB_ERR_UNSUPPORTED;
         } else {
@@ -753,7 +752,7 @@ static pb_status ref_run_create_with_inputs(pb_model *model, const char *request
     }
     if (model->create_delay_ms > 0) {
         plugin_sleep_ms(model->create_delay_ms);
-        plugin_log(g_host, PB_LOG_INFO, "run created on %s", model->path); /* reads the model: it must still exist */
+        plugin_log(plugin_host, PB_LOG_INFO, "run created on %s", model->path); /* reads the model: it must still exist */
     }
     *out_run = run;
     return PB_OK;
@@ -766,30 +765,18 @@ static pb_status ref_run_create(pb_model *model, const char *request_json, pb_ru
 }
 
 /* ─── Sending events ───────────────────────────────────────────────────── */
-
-static void emit(const pb_event_sink *sink, pb_event *event) {
-    event->struct_size = sizeof *event; /* the host reads only what this size covers */
-    sink->on_event(sink->context, event);
-}
-
-static void emit_text(const pb_event_sink *sink, pb_event_type type, const char *text, size_t len) {
-    pb_event e = { 0 };
-    e.type = type;
-    e.text = text;
-    e.text_len = len;
-    emit(sink, &e);
-}
+/* Every event goes out through plugin_emit (plugin_events.h): it sets struct_size
+ * and gives a 1.0 host only what 1.0 knows. */
 
 /* Sends the content from where the client has it up to `end`. */
 static void send_content_up_to(pb_run *run, const pb_event_sink *sink, size_t end) {
     if (end <= run->content_sent) return;
-    emit_text(sink, PB_EVENT_CONTENT_DELTA, run->content.data + run->content_sent, end - run->content_sent);
+    plugin_emit_text(sink, PB_EVENT_CONTENT_DELTA, run->content.data + run->content_sent, end - run->content_sent);
     run->content_sent = end;
 }
 
-/* Prompt processing progress: a 1.1 event, so a 1.0 host gets silence instead. */
+/* Prompt processing progress: a 1.1 event, so a 1.0 host gets silence instead (plugin_emit). */
 static void emit_progress(pb_run *run, const pb_event_sink *sink, double now) {
-    if (!host_speaks_1_1()) return;
     double prefill = run->model->prefill_ms;
     double fraction = prefill > 0 ? (now - run->started) / prefill : 1.0;
     if (fraction > 1.0) fraction = 1.0;
@@ -798,23 +785,7 @@ static void emit_progress(pb_run *run, const pb_event_sink *sink, double now) {
     e.progress_total = run->prompt_tokens;
     e.progress_processed = (int64_t)((double)run->prompt_tokens * fraction);
     e.progress_cached = 0;
-    emit(sink, &e);
-}
-
-/* A terminal error. A 1.0 host knows neither the 1.1 codes nor retry_after_ms. */
-static void emit_error(const pb_event_sink *sink, pb_status code, uint32_t retry_after_ms, const char *message) {
-    pb_event e = { 0 };
-    e.type = PB_EVENT_ERROR;
-    e.text = message;
-    e.text_len = strlen(message);
-    if (host_speaks_1_1()) {
-        e.error_code = code;
-        e.retry_after_ms = retry_after_ms;
-    } else {
-        e.error_code = code == PB_ERR_BUSY || code == PB_ERR_OVERLOADED || code == PB_ERR_TIMED_OUT
-                           ? PB_ERR_ENGINE_UNAVAILABLE : code;
-    }
-    emit(sink, &e);
+    plugin_emit(sink, &e);
 }
 
 /* The end of a run that executed: usage (and timings), then exactly one FINISH. */
@@ -828,7 +799,7 @@ static void end_run(pb_run *run, const pb_event_sink *sink, pb_finish_reason fin
     usage.type = PB_EVENT_USAGE;
     usage.prompt_tokens = run->prompt_tokens;
     usage.completion_tokens = run->produced;
-    emit(sink, &usage);
+    plugin_emit(sink, &usage);
     if (run->script != SCRIPT_TRANSCRIPTION) {
         pb_event timings = { 0 };
         timings.type = PB_EVENT_TIMINGS;
@@ -836,27 +807,17 @@ static void end_run(pb_run *run, const pb_event_sink *sink, pb_finish_reason fin
         timings.predicted_ms = ended - run->first_token_at;
         timings.predicted_per_second =
             ended > run->first_token_at ? (double)run->produced * 1000.0 / (ended - run->first_token_at) : 0;
-        emit(sink, &timings);
+        plugin_emit(sink, &timings);
     }
     /* The slot is free before the client hears the end, so a test that saw the
      * end and reads the stats finds no active run. */
     __atomic_sub_fetch(&m->active_runs, 1, __ATOMIC_SEQ_CST);
     write_stats(m);
     if (run->request_id)
-        plugin_log(g_host, PB_LOG_INFO, "request %s: run ended, %lld prompt and %lld generated tokens", run->request_id,
+        plugin_log(plugin_host, PB_LOG_INFO, "request %s: run ended, %lld prompt and %lld generated tokens", run->request_id,
                    (long long)run->prompt_tokens, (long long)run->produced);
-    pb_event done = { 0 };
-    done.type = PB_EVENT_FINISH;
-    done.finish_reason = finish;
-    if (finish == PB_FINISH_STOP_SEQUENCE) {
-        if (host_speaks_1_1()) {
-            done.text = run->matched_stop;
-            done.text_len = strlen(run->matched_stop);
-        } else {
-            done.finish_reason = PB_FINISH_STOP; /* what a 1.0 host knows a stop sequence as */
-        }
-    }
-    emit(sink, &done);
+    /* A 1.0 host gets a stop sequence as PB_FINISH_STOP, without the string (plugin_emit). */
+    plugin_emit_finish(sink, finish, finish == PB_FINISH_STOP_SEQUENCE ? run->matched_stop : NULL);
 }
 
 /* ─── The script, one piece at a time ──────────────────────────────────── */
@@ -1017,7 +978,7 @@ static size_t stop_prefix_at_end(const pb_run *run) {
  */
 static int send_content(pb_run *run, const pb_event_sink *sink, const char *text, size_t len) {
     if (run->stop_count == 0) {
-        emit_text(sink, PB_EVENT_CONTENT_DELTA, text, len);
+        plugin_emit_text(sink, PB_EVENT_CONTENT_DELTA, text, len);
         return 0;
     }
     size_t before = run->content.length;
@@ -1025,7 +986,7 @@ static int send_content(pb_run *run, const pb_event_sink *sink, const char *text
     if (run->content.failed) {
         /* Out of memory: send what is held back and this piece, and stop looking for stops. */
         send_content_up_to(run, sink, before);
-        emit_text(sink, PB_EVENT_CONTENT_DELTA, text, len);
+        plugin_emit_text(sink, PB_EVENT_CONTENT_DELTA, text, len);
         run->stop_count = 0;
         return 0;
     }
@@ -1079,7 +1040,7 @@ static void send_next(pb_run *run, const pb_event_sink *sink) {
     default:
         break;
     }
-    emit(sink, &e);
+    plugin_emit(sink, &e);
 }
 
 /* ─── Executing a run on the host's thread ─────────────────────────────── */
@@ -1286,7 +1247,7 @@ static void ref_run_execute(pb_run *run, const pb_event_sink *sink) {
     if (!take_slot(m)) {
         char message[128];
         snprintf(message, sizeof message, "all %d slots of the reference engine are busy", m->slots);
-        emit_error(sink, PB_ERR_BUSY, m->retry_after_ms, message);
+        plugin_emit_error(sink, PB_ERR_BUSY, message, m->retry_after_ms); /* a 1.0 host: engine unavailable */
         return;
     }
     write_stats(m);
@@ -1341,9 +1302,9 @@ static pb_status ref_embed(pb_model *model, const char *text, size_t text_len, f
 /* Every model is unloaded by now, so no engine thread is left; the host table stays valid. */
 static void ref_shutdown(void) {
     int live = __atomic_load_n(&g_live_models, __ATOMIC_SEQ_CST);
-    if (live > 0) plugin_log(g_host, PB_LOG_WARNING, "shut down with %d models still loaded", live);
-    plugin_log(g_host, PB_LOG_INFO, "%s plugin shut down", REFERENCE_PLUGIN_NAME);
-    g_host = NULL;
+    if (live > 0) plugin_log(plugin_host, PB_LOG_WARNING, "shut down with %d models still loaded", live);
+    plugin_log(plugin_host, PB_LOG_INFO, "%s plugin shut down", REFERENCE_PLUGIN_NAME);
+    plugin_host = NULL;
 }
 
 /* ─── The entry point ───────────────────────────────────────────────────── */
@@ -1354,7 +1315,7 @@ static const pb_plugin_api reference_api = {
     .abi_minor = PB_ABI_VERSION_MINOR,
     .name = REFERENCE_PLUGIN_NAME,
     .version = "1.1.0",
-    .description = "Deterministic scripted engine: the template for plugin authors and the engine for host tests",
+    .description = "Deterministic scripted engine for the host's tests, benchmarks and conformance checks",
     .model_formats = "ref",
     /* VISION_INPUT here means "some models can": a model says whether it does in model_info. */
     .capabilities = PB_CAP_CHAT | PB_CAP_COMPLETION | PB_CAP_VISION_INPUT | PB_CAP_TOKENIZE | PB_CAP_EMBEDDINGS |
@@ -1375,10 +1336,5 @@ static const pb_plugin_api reference_api = {
     .shutdown = ref_shutdown,
 };
 
-PB_EXPORT const pb_plugin_api *pb_plugin_entry(const pb_host_api *host) {
-    /* Only struct_size, abi_major and abi_minor are fixed across majors, so a
-     * host of another major is declined without touching the rest of its table. */
-    if (!host || host->abi_major != PB_ABI_VERSION_MAJOR) return NULL;
-    g_host = host; /* valid until the process ends; its abi_minor decides what we may send */
-    return &reference_api;
-}
+/* Any 1.x host (a 1.0 host gets 1.0 events); the host's table is kept in plugin_host. */
+PB_PLUGIN_ENTRY(reference_api, 0, NULL)
