@@ -31,18 +31,7 @@ double ms_between(steady_time from, steady_time to) { return duration<double, st
 
 // ─── Events ──────────────────────────────────────────────────────────────────────────
 
-void emit(pb_run *run, pb_event &event) {
-    event.struct_size = sizeof(pb_event);
-    if (host_abi_minor() < 1) {  // a 1.0 host: nothing of 1.1 (see patchbay.h, Versioning)
-        if (event.type == PB_EVENT_PROGRESS) return;
-        if (event.type == PB_EVENT_FINISH && event.finish_reason == PB_FINISH_STOP_SEQUENCE) {
-            event.finish_reason = PB_FINISH_STOP;
-            event.text = nullptr;
-            event.text_len = 0;
-        }
-    }
-    run->sink->on_event(run->sink->context, &event);
-}
+void emit(pb_run *run, pb_event &event) { plugin_emit(run->sink, &event); }
 
 void emit_text(pb_run *run, pb_event_type type, const std::string &text) {
     if (text.empty()) return;
@@ -105,10 +94,10 @@ void log_cancel(pb_run *run, const slot *s, int64_t last_compute_ns, const char 
     const std::string &id = run->request.request_id;
     const char *named = id.empty() ? "" : " request ";
     if (s && s->state == slot::prefill)
-        plugin_log(g_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %zu/%zu prompt tokens)%s%s",
+        plugin_log(plugin_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %zu/%zu prompt tokens)%s%s",
                    latency, phase, s->n_prompt_done, run->request.prompt.size(), named, id.c_str());
     else
-        plugin_log(g_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %d tokens generated)%s%s",
+        plugin_log(plugin_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %d tokens generated)%s%s",
                    latency, phase, s ? s->n_generated : 0, named, id.c_str());
 }
 
@@ -146,7 +135,7 @@ void deliver(slot &s, const std::string &text, bool final) {
     } catch (const std::exception &e) {
         // A partial message the parser cannot read yet; it is parsed again with more text.
         if (!final) return;
-        plugin_log(g_host, PB_LOG_WARNING, "the chat parser could not read the answer (%s); sent as plain text", e.what());
+        plugin_log(plugin_host, PB_LOG_WARNING, "the chat parser could not read the answer (%s); sent as plain text", e.what());
         emit_text(run, PB_EVENT_CONTENT_DELTA, s.chat_state->generated_text);
         return;
     }

@@ -7,7 +7,8 @@
 
 #include "patchbay.h"
 extern "C" {
-#include "plugin_util.h"  // plugin_log, plugin_set_error: shared with the C plugins
+#include "plugin_events.h"  // plugin_host, plugin_emit, PB_PLUGIN_ENTRY: shared with the C plugins
+#include "plugin_util.h"    // plugin_log, plugin_set_error
 }
 
 #include "chat.h"
@@ -27,11 +28,6 @@ extern "C" {
 #include <vector>
 
 using steady_time = std::chrono::steady_clock::time_point;
-
-// The host's table, from pb_plugin_entry: for plugin_log(g_host, ...).
-extern const pb_host_api *g_host;
-// The host's ABI minor: which 1.1 events and codes it understands.
-int host_abi_minor();
 
 // What the load request chose.
 struct load_settings {

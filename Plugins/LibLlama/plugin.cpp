@@ -27,7 +27,6 @@
 #include <cstring>
 #include <fstream>
 
-const pb_host_api *g_host = nullptr;
 
 namespace {
 
@@ -43,7 +42,7 @@ void forward_llama_log(ggml_log_level level, const char *text, void *) {
     if (g_deliberate_aborts.load() > 0) return;  // a cancel's abort, which llama.cpp reports as a failure
     std::string line(text);
     while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.pop_back();
-    if (!line.empty()) plugin_log(g_host, level == GGML_LOG_LEVEL_ERROR ? PB_LOG_ERROR : PB_LOG_WARNING, "%s", line.c_str());
+    if (!line.empty()) plugin_log(plugin_host, level == GGML_LOG_LEVEL_ERROR ? PB_LOG_ERROR : PB_LOG_WARNING, "%s", line.c_str());
 }
 
 // ─── Load ────────────────────────────────────────────────────────────────────────────
@@ -276,7 +275,7 @@ pb_status lib_load(const char *request_json, const pb_load_callbacks *callbacks,
         return PB_ERR_CANCELLED;
     }
     engine_start(model);
-    plugin_log(g_host, PB_LOG_INFO, "loaded %s: %s, context %lld, %d slots (%s KV cache), batch %d/%d, %d threads",
+    plugin_log(plugin_host, PB_LOG_INFO, "loaded %s: %s, context %lld, %d slots (%s KV cache), batch %d/%d, %d threads",
                settings.model_path.c_str(), model->architecture.c_str(), (long long)model->context_length,
                settings.parallel, settings.kv_unified ? "one shared" : "a per-slot", settings.batch, settings.ubatch,
                params.cpuparams.n_threads);
@@ -305,7 +304,7 @@ void lib_unload(pb_model *model) {
     engine_stop(model);
     std::string path = model->settings.model_path;
     free_model(model);
-    plugin_log(g_host, PB_LOG_INFO, "unloaded %s", path.c_str());
+    plugin_log(plugin_host, PB_LOG_INFO, "unloaded %s", path.c_str());
 }
 
 // ─── Runs ────────────────────────────────────────────────────────────────────────────
@@ -478,15 +477,13 @@ const pb_plugin_api libllama_api = {
     /* shutdown */ lib_shutdown,
 };
 
-}  // namespace
-
-int host_abi_minor() { return g_host ? g_host->abi_minor : 0; }
-
-extern "C" PB_EXPORT const pb_plugin_api *pb_plugin_entry(const pb_host_api *host) {
-    if (!host || host->abi_major != PB_ABI_VERSION_MAJOR) return nullptr;
-    g_host = host;
+int lib_start(const pb_host_api *) {
     llama_log_set(forward_llama_log, nullptr);
     common_log_set_verbosity_thold(LOG_LEVEL_WARN);
     llama_backend_init();
-    return &libllama_api;
+    return 0;
 }
+
+}  // namespace
+
+PB_PLUGIN_ENTRY(libllama_api, 0, lib_start)

@@ -30,12 +30,8 @@ constexpr int64_t heartbeat_ns = 1000000000;  // PB_EVENT_PROGRESS at least ever
 // ─── Events ──────────────────────────────────────────────────────────────────────────
 
 void emit(pb_run *run, pb_event &event) {
-    event.struct_size = sizeof(pb_event);
-    if (host_abi_minor() < 1 &&  // a 1.0 host: nothing of 1.1 (see patchbay.h, Versioning)
-        (event.type == PB_EVENT_PROGRESS || event.type == PB_EVENT_SEGMENT || event.type == PB_EVENT_LANGUAGE))
-        return;
     run->last_event_ns = now_ns();
-    run->sink->on_event(run->sink->context, &event);
+    plugin_emit(run->sink, &event);
 }
 
 void emit_progress(pb_run *run, int64_t processed_ms) {
@@ -152,7 +148,7 @@ const char *phase_name(run_phase phase) {
 void log_cancel(pb_run *run, int64_t stopped_ns) {
     int64_t cancel_ns = run->cancel_ns.load();
     double latency = cancel_ns > 0 ? std::max<int64_t>(0, stopped_ns - cancel_ns) / 1e6 : 0;
-    plugin_log(g_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %d segments decoded)%s%s",
+    plugin_log(plugin_host, PB_LOG_INFO, "run cancelled: engine stopped %.2f ms after the cancel call (%s, %d segments decoded)%s%s",
                latency, phase_name(run->phase.load()), run->segments, run->request.request_id.empty() ? "" : " request ",
                run->request.request_id.c_str());
 }
@@ -368,7 +364,7 @@ void end_transcription(pb_run *run, const outcome &result) {
         emit_usage(run);
         end_with_finish(run, PB_FINISH_CANCELLED);
     } else if (run->timed_out) {
-        plugin_log(g_host, PB_LOG_INFO, "run stopped at its time limit (%s, %d segments decoded)",
+        plugin_log(plugin_host, PB_LOG_INFO, "run stopped at its time limit (%s, %d segments decoded)",
                    phase_name(run->phase.load()), run->segments);
         emit_usage(run);
         end_with_finish(run, PB_FINISH_TIME_LIMIT);

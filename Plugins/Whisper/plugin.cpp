@@ -19,7 +19,6 @@ extern "C" {
 #include <cstring>
 #include <thread>
 
-const pb_host_api *g_host = nullptr;
 
 namespace {
 
@@ -33,7 +32,7 @@ void forward_whisper_log(ggml_log_level level, const char *text, void *) {
     if (current_run_stopping()) return;  // a cancel's abort, which whisper.cpp reports as a failure
     std::string line(text ? text : "");
     while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.pop_back();
-    if (!line.empty()) plugin_log(g_host, level == GGML_LOG_LEVEL_ERROR ? PB_LOG_ERROR : PB_LOG_WARNING, "%s", line.c_str());
+    if (!line.empty()) plugin_log(plugin_host, level == GGML_LOG_LEVEL_ERROR ? PB_LOG_ERROR : PB_LOG_WARNING, "%s", line.c_str());
 }
 
 // The request's JSON, freed on every path.
@@ -172,7 +171,7 @@ pb_status lib_load(const char *request_json, const pb_load_callbacks *callbacks,
     model->description = std::string(h.size_name()) + (h.multilingual() ? "" : ".en") + ", " +
                          std::to_string(h.n_audio_layer) + "+" + std::to_string(h.n_text_layer) + " layers, " +
                          std::to_string(h.n_mels) + " mels";
-    plugin_log(g_host, PB_LOG_INFO, "loaded %s: whisper %s, %d parallel, %d threads each, %s decoding",
+    plugin_log(plugin_host, PB_LOG_INFO, "loaded %s: whisper %s, %d parallel, %d threads each, %s decoding",
                model->settings.model_path.c_str(), model->description.c_str(), model->settings.parallel,
                model->settings.threads,
                model->settings.beam_size > 1 ? ("beam " + std::to_string(model->settings.beam_size)).c_str() : "greedy");
@@ -192,7 +191,7 @@ void lib_model_info(pb_model *model, pb_model_info *info) {
 void lib_unload(pb_model *model) {
     std::string path = model->settings.model_path;
     free_model(model);
-    plugin_log(g_host, PB_LOG_INFO, "unloaded %s", path.c_str());
+    plugin_log(plugin_host, PB_LOG_INFO, "unloaded %s", path.c_str());
 }
 
 // ─── Runs ────────────────────────────────────────────────────────────────────────────
@@ -348,18 +347,12 @@ const pb_plugin_api whisper_api = {
     /* shutdown */ nullptr,
 };
 
+int lib_start(const pb_host_api *) {
+    whisper_log_set(forward_whisper_log, nullptr);
+    return 0;
+}
+
 }  // namespace
 
-int host_abi_minor() { return g_host ? g_host->abi_minor : 0; }
-
-extern "C" PB_EXPORT const pb_plugin_api *pb_plugin_entry(const pb_host_api *host) {
-    if (!host || host->abi_major != PB_ABI_VERSION_MAJOR) return nullptr;
-    g_host = host;
-    if (host->abi_minor < 1) {  // transcription and byte inputs came with 1.1
-        plugin_log(host, PB_LOG_ERROR, "the whisper plugin needs a host of ABI 1.1 or later (this host speaks %u.%u)",
-                   (unsigned)host->abi_major, (unsigned)host->abi_minor);
-        return nullptr;
-    }
-    whisper_log_set(forward_whisper_log, nullptr);
-    return &whisper_api;
-}
+// Transcription and byte inputs came with ABI 1.1: an older host is refused.
+PB_PLUGIN_ENTRY(whisper_api, 1, lib_start)

