@@ -87,7 +87,7 @@ struct Workload {
     /// The model the checker writes for the reference engine: quick tokens, multi-byte text,
     /// a load slow enough to cancel, one engine thread for all runs (batching=1).
     static let referenceModel = """
-        # Written by `patchbay plugin check` (see Examples/ReferencePlugin/reference_plugin.c).
+        # Written by `patchbay plugin check` (see Tests/ScriptedPlugin/reference_plugin.c).
         reply=Conformance: naïve café, Grüße, 日本語のテキスト, Ελληνικά, emoji 🎉🚀 and plain words to stream.
         repeat=1
         token_delay_ms=2
