@@ -29,20 +29,3 @@ pb_status map_upstream_error(long http_status, const char *body, uint32_t header
         *retry_after_ms = header_retry_after_ms ? header_retry_after_ms : DEFAULT_RETRY_AFTER_MS;
     return status;
 }
-
-pb_status status_for_host(pb_status status, int host_minor) {
-    if (host_minor >= 1) return status;
-    switch (status) {
-    case PB_ERR_BUSY:
-    case PB_ERR_OVERLOADED:
-    case PB_ERR_TIMED_OUT:
-        return PB_ERR_ENGINE_UNAVAILABLE;
-    default:
-        return status;
-    }
-}
-
-pb_finish_reason finish_for_host(pb_finish_reason reason, int host_minor) {
-    if (host_minor < 1 && reason == PB_FINISH_STOP_SEQUENCE) return PB_FINISH_STOP;
-    return reason;
-}

@@ -1,6 +1,6 @@
 /*
- * errors.h — what went wrong upstream, as an ABI status; and the 1.1 values
- * a 1.0 host gets in their place.
+ * errors.h — what went wrong upstream, as an ABI status. What a 1.0 host gets
+ * in place of a 1.1 status is the shared plugin_status_for_host's (plugin_events.h).
  */
 #ifndef PB_LLAMA_ERRORS_H
 #define PB_LLAMA_ERRORS_H
@@ -22,11 +22,5 @@
  */
 pb_status map_upstream_error(long http_status, const char *body, uint32_t header_retry_after_ms,
                              char *message, size_t size, uint32_t *retry_after_ms);
-
-/** The status to hand a host of ABI minor `host_minor`: 1.1 codes become PB_ERR_ENGINE_UNAVAILABLE for 1.0. */
-pb_status status_for_host(pb_status status, int host_minor);
-
-/** The finish reason for such a host: PB_FINISH_STOP_SEQUENCE becomes PB_FINISH_STOP for 1.0. */
-pb_finish_reason finish_for_host(pb_finish_reason reason, int host_minor);
 
 #endif

@@ -13,13 +13,15 @@
  * A child that dies is respawned on a thread of its own when the next request
  * needs it; requests wait for it without holding anything up, and stop waiting
  * at their cancel. Children that keep dying soon after they start are left
- * down for a while, longer each time (note_death).
+ * down for a while, longer each time (supervisor.c).
  *
- * Files: launch.c (the load request, the command line), child_process.c
+ * Files: launch.c (the load request, the command line), supervisor.c (the
+ * child kept running: started, found dead, respawned, stopped), child_process.c
  * (spawning and reaping children), upstream.c (HTTP), request.c (a request
  * into llama-server's body), sse.c (its streamed reply into events),
- * errors.c (its errors into statuses), gguf.c (probe, metadata). This file:
- * the models, the runs and the table.
+ * errors.c (its errors into statuses), gguf.c (probe, metadata); the ABI's
+ * versioning (events for the host's minor, the entry point) is the shared
+ * plugin_events.c. This file: the models, the runs and the table.
  */
 #define _GNU_SOURCE
 #include "patchbay.h"
@@ -29,9 +31,11 @@
 #include "json_buffer.h"
 #include "json_reader.h"
 #include "launch.h"
+#include "plugin_events.h"
 #include "plugin_util.h"
 #include "request.h"
 #include "sse.h"
+#include "supervisor.h"
 #include "upstream.h"
 
 #include <errno.h>
@@ -44,34 +48,14 @@
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <time.h>
 #include <unistd.h>
 
 #define PLUGIN_VERSION "1.1.0"
 /* Tokenizing and embedding one text: seconds at most, unless the engine is stuck. */
 #define POST_TIMEOUT_MS 60000
-/* The socket's host part means nothing; the path goes through CURLOPT_UNIX_SOCKET_PATH. */
-#define CHILD_URL "http://localhost"
 #define SOCKET_NAME "llama-server.sock"
-/* How much of the child's log goes to Patchbay's log when it fails. */
-#define LOG_TAIL_BYTES 2000
-/* A child that failed to start has nothing to save: no long grace before SIGKILL. */
-#define FAILED_START_GRACE_MS 200
-/* How often a wait for a respawn asks its caller whether it gives up (a cancel). */
-#define RESPAWN_POLL_MS 100
-/* A child that dies within STABLE_UPTIME_MS of coming up (or never comes up) dies young; after
- * QUICK_DEATHS_BEFORE_BACKOFF such deaths in a row it is not respawned for BACKOFF_BASE_MS,
- * doubling each time up to BACKOFF_MAX_MS. One that lived longer starts the count again. */
-#define STABLE_UPTIME_MS 60000
-#define QUICK_DEATHS_BEFORE_BACKOFF 3
-#define BACKOFF_BASE_MS 5000.0
-#define BACKOFF_MAX_MS 300000.0
-
-static const pb_host_api *g_host;
 
 /* ─── The model: one child ─────────────────────────────────────────────── */
-
-typedef enum { CHILD_DOWN, CHILD_STARTING, CHILD_UP } child_state;
 
 struct pb_model {
     launch_config config;
@@ -80,25 +64,7 @@ struct pb_model {
     char log_path[PATH_MAX + 32];
     char api_key[65];
     uint64_t model_bytes;
-    atomic_int closing;      /* unload began: no respawn, and one under way gives up */
-
-    /* The child. `lock` is held only briefly: nobody waits for a child to start while holding it. */
-    pthread_mutex_t lock;
-    pthread_cond_t changed;  /* `state` changed */
-    child_state state;
-    pid_t pid;               /* CHILD_UP: the child */
-    uint64_t generation;     /* counts the children that came up */
-    double up_since_ms;      /* when the child came up; 0 once it died */
-    char last_exit[96];      /* how the last child ended: "signal 9 (Killed)" */
-    /* Respawns, each on a thread of its own (respawn_main). */
-    pthread_t respawner;
-    int has_respawner;       /* one to join: running, or ended */
-    uint64_t respawns;       /* counts them */
-    uint64_t failed_respawn; /* the last one that failed, and why */
-    char respawn_failure[256];
-    /* Children that keep dying young (note_death). */
-    int quick_deaths, backoffs;
-    double refuse_until_ms;
+    supervisor *child;       /* the llama-server child, kept running (supervisor.h) */
 
     /* What the child and the file say about the model (model_info). */
     int64_t context_length;
@@ -139,286 +105,7 @@ static int make_work_dir(pb_model *model) {
     return 1;
 }
 
-static void url_for(const char *path, char *out, size_t size) { snprintf(out, size, CHILD_URL "%s", path); }
-
-/* The end of the child's log, line by line, into Patchbay's log: for the operator, not the client. */
-static void log_child_tail(const pb_model *model) {
-    char *tail = file_tail(model->log_path, LOG_TAIL_BYTES);
-    char *save = NULL;
-    for (char *line = strtok_r(tail, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
-        plugin_log(g_host, PB_LOG_WARNING, "llama-server: %s", line);
-    free(tail);
-}
-
-/* A short summary for the client in `error`; the child's own words go to Patchbay's log. */
-static void describe_child_failure(const pb_model *model, const char *what, char *error, size_t error_size) {
-    plugin_set_error(error, error_size, "%s. The end of its log is in Patchbay's log.", what);
-    plugin_log(g_host, PB_LOG_WARNING, "%s (%s); the end of its log:", what, model->config.model_path);
-    log_child_tail(model);
-}
-
-/* Load progress: the child's resident memory against the weights' size, never going backwards. Non-zero: cancelled. */
-static int report_progress(const pb_model *model, pid_t pid, const pb_load_callbacks *callbacks, uint64_t *high_water) {
-    uint64_t rss = child_resident_bytes(pid);
-    if (rss > *high_water) *high_water = rss;
-    uint64_t total = model->model_bytes;
-    uint64_t loaded = *high_water < total ? *high_water : total - total / 100;
-    return callbacks->progress(callbacks->context, "mmap", loaded, total);
-}
-
-/*
- * Polls the child's /health until it answers, it exits, its time is up, the
- * load is cancelled (through `callbacks`; NULL on a respawn) or the model is
- * unloaded.
- */
-static pb_status wait_healthy(pb_model *model, pid_t pid, const pb_load_callbacks *callbacks, char *error,
-                              size_t error_size) {
-    char url[64];
-    url_for("/health", url, sizeof url);
-    json_buffer reply;
-    jb_init(&reply);
-    double deadline = plugin_now_ms() + model->config.load_timeout_s * 1000.0;
-    uint64_t high_water = 0;
-    pb_status status = PB_ERR_LOAD_FAILED;
-    for (;;) {
-        int wait_status;
-        char what[160], probe_error[128];
-        if (child_exited(pid, &wait_status)) {
-            char how[96];
-            child_describe_exit(wait_status, how, sizeof how);
-            snprintf(what, sizeof what, "llama-server exited during load (%s)", how);
-            describe_child_failure(model, what, error, error_size);
-            break;
-        }
-        if (upstream_request(model->socket_path, url, NULL, NULL, 1000, &reply, NULL, probe_error,
-                             sizeof probe_error) == 200) {
-            status = PB_OK;
-            break;
-        }
-        if (atomic_load(&model->closing)) {
-            plugin_set_error(error, error_size, "The model was unloaded while llama-server started.");
-            status = PB_ERR_CANCELLED;
-            break;
-        }
-        if (callbacks && report_progress(model, pid, callbacks, &high_water) != 0) {
-            plugin_set_error(error, error_size, "The load was cancelled.");
-            status = PB_ERR_CANCELLED;
-            break;
-        }
-        if (plugin_now_ms() > deadline) {
-            snprintf(what, sizeof what, "llama-server did not become ready within %d s", model->config.load_timeout_s);
-            describe_child_failure(model, what, error, error_size);
-            break;
-        }
-        plugin_sleep_ms(50);
-    }
-    jb_free(&reply);
-    return status;
-}
-
-/*
- * Starts a child on the model's socket and waits until it is healthy
- * (wait_healthy); `*out_pid` is the child then. Never called with model->lock
- * held: this may take minutes.
- */
-static pb_status start_child(pb_model *model, const pb_load_callbacks *callbacks, pid_t *out_pid, char *error,
-                             size_t error_size) {
-    unlink(model->socket_path); /* a dead child's: llama-server would not bind over it */
-    char **argv = launch_build_argv(&model->config, model->socket_path);
-    char key_env[96];
-    snprintf(key_env, sizeof key_env, "LLAMA_API_KEY=%s", model->api_key);
-    char *extra_env[] = {key_env, NULL};
-    char spawn_error[256] = "out of memory";
-    pid_t pid = argv ? child_spawn(argv, extra_env, model->log_path, spawn_error, sizeof spawn_error) : -1;
-    launch_free_argv(argv);
-    explicit_bzero(key_env, sizeof key_env);
-    if (pid < 0) {
-        plugin_set_error(error, error_size, "Could not start llama-server: %s", spawn_error);
-        return PB_ERR_LOAD_FAILED;
-    }
-    plugin_log(g_host, PB_LOG_INFO, "started llama-server pid %d on %s for %s", (int)pid, model->socket_path,
-               model->config.model_path);
-    pb_status status = wait_healthy(model, pid, callbacks, error, error_size);
-    if (status == PB_OK) *out_pid = pid;
-    else child_stop(pid, FAILED_START_GRACE_MS);
-    return status;
-}
-
-/* ─── The child's life: up, dead, respawned ───────────────────────────── */
-
-/* Under model->lock. */
-static void child_came_up(pb_model *model, pid_t pid) {
-    model->state = CHILD_UP;
-    model->pid = pid;
-    model->generation++;
-    model->up_since_ms = plugin_now_ms();
-    pthread_cond_broadcast(&model->changed);
-}
-
-/*
- * Counts a child that died, `young` or not; after QUICK_DEATHS_BEFORE_BACKOFF
- * young deaths in a row, no respawn until refuse_until_ms. Under model->lock.
- */
-static void note_death(pb_model *model, int young) {
-    if (!young) model->quick_deaths = model->backoffs = 0;
-    if (++model->quick_deaths < QUICK_DEATHS_BEFORE_BACKOFF) return;
-    double wait_ms = BACKOFF_BASE_MS;
-    for (int i = 0; i < model->backoffs && wait_ms < BACKOFF_MAX_MS; i++) wait_ms *= 2;
-    if (wait_ms > BACKOFF_MAX_MS) wait_ms = BACKOFF_MAX_MS;
-    model->refuse_until_ms = plugin_now_ms() + wait_ms;
-    model->backoffs++;
-    plugin_log(g_host, PB_LOG_WARNING, "llama-server for %s died %d times in a row soon after starting; "
-               "not restarting it for %.0f s", model->config.model_path, model->quick_deaths, wait_ms / 1000);
-}
-
-/* The child was found dead (a crash, an OOM kill, kill -9). Under model->lock. */
-static void child_died(pb_model *model, int wait_status) {
-    child_describe_exit(wait_status, model->last_exit, sizeof model->last_exit);
-    plugin_log(g_host, PB_LOG_WARNING, "llama-server pid %d exited (%s); the end of its log:", (int)model->pid,
-               model->last_exit);
-    log_child_tail(model);
-    int young = plugin_now_ms() - model->up_since_ms < STABLE_UPTIME_MS;
-    model->state = CHILD_DOWN;
-    model->pid = 0;
-    model->up_since_ms = 0;
-    note_death(model, young);
-    pthread_cond_broadcast(&model->changed);
-}
-
-static void *respawn_main(void *context) {
-    pb_model *model = context;
-    pid_t pid = 0;
-    char error[sizeof model->respawn_failure] = "";
-    pb_status status = start_child(model, NULL, &pid, error, sizeof error);
-    pthread_mutex_lock(&model->lock);
-    if (status == PB_OK) {
-        child_came_up(model, pid);
-    } else {
-        model->state = CHILD_DOWN;
-        model->failed_respawn = model->respawns;
-        snprintf(model->respawn_failure, sizeof model->respawn_failure, "%s", error);
-        if (!atomic_load(&model->closing)) note_death(model, 1);
-        pthread_cond_broadcast(&model->changed);
-    }
-    pthread_mutex_unlock(&model->lock);
-    return NULL;
-}
-
-/*
- * From CHILD_DOWN: the failure of the respawn `awaited` that the caller waited
- * for, a refusal while backing off, or a new respawn (CHILD_STARTING). Under
- * model->lock.
- */
-static pb_status begin_respawn(pb_model *model, uint64_t awaited, uint32_t *retry_after_ms, char *error,
-                               size_t error_size) {
-    if (awaited && model->failed_respawn == awaited) {
-        plugin_set_error(error, error_size, "llama-server could not be restarted: %s", model->respawn_failure);
-        return PB_ERR_ENGINE_UNAVAILABLE;
-    }
-    double wait_ms = model->refuse_until_ms - plugin_now_ms();
-    if (wait_ms > 0) {
-        *retry_after_ms = (uint32_t)wait_ms + 1;
-        plugin_set_error(error, error_size,
-                         "llama-server keeps exiting soon after it starts (%d times in a row); Patchbay starts it "
-                         "again in %u s. The end of its log is in Patchbay's log.",
-                         model->quick_deaths, (unsigned)((wait_ms + 999) / 1000));
-        return PB_ERR_ENGINE_UNAVAILABLE;
-    }
-    if (model->has_respawner) pthread_join(model->respawner, NULL); /* it has ended: the state left STARTING */
-    model->has_respawner = pthread_create(&model->respawner, NULL, respawn_main, model) == 0;
-    if (!model->has_respawner) {
-        plugin_set_error(error, error_size, "Could not start a thread to restart llama-server.");
-        return PB_ERR_INTERNAL;
-    }
-    model->state = CHILD_STARTING;
-    model->respawns++;
-    plugin_log(g_host, PB_LOG_INFO, "restarting llama-server for %s", model->config.model_path);
-    return PB_OK;
-}
-
-/* Who waits for a respawn, and for how long. */
-typedef struct child_waiter {
-    int (*gives_up)(void *context); /* asked without the lock while waiting: non-zero stops (a cancel) */
-    void *context;
-    double deadline_ms;             /* 0: as long as the respawn takes */
-} child_waiter;
-
-static void wait_changed(pb_model *model, int ms) {
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    until.tv_nsec += (long)ms * 1000000L;
-    until.tv_sec += until.tv_nsec / 1000000000L;
-    until.tv_nsec %= 1000000000L;
-    pthread_cond_timedwait(&model->changed, &model->lock, &until);
-}
-
-/* One poll of a respawn under way (CHILD_STARTING). Under model->lock, which it lets go to ask the waiter. */
-static pb_status wait_for_respawn(pb_model *model, const child_waiter *waiter, uint32_t *retry_after_ms,
-                                  char *error, size_t error_size) {
-    pthread_mutex_unlock(&model->lock);
-    int gives_up = waiter->gives_up && waiter->gives_up(waiter->context);
-    pthread_mutex_lock(&model->lock);
-    if (gives_up) {
-        plugin_set_error(error, error_size, "Stopped while waiting for llama-server to restart.");
-        return PB_ERR_CANCELLED;
-    }
-    if (waiter->deadline_ms > 0 && plugin_now_ms() > waiter->deadline_ms) {
-        *retry_after_ms = DEFAULT_RETRY_AFTER_MS;
-        plugin_set_error(error, error_size, "llama-server is restarting; try again shortly.");
-        return PB_ERR_OVERLOADED;
-    }
-    if (model->state == CHILD_STARTING) wait_changed(model, RESPAWN_POLL_MS);
-    return PB_OK;
-}
-
-/*
- * Makes sure the child runs, respawning it if it died, and says which child it
- * is (`*generation`, for describe_lost_connection). While a respawn runs this
- * waits for it without holding the lock, until it ends, or `waiter` gives up
- * (PB_ERR_CANCELLED) or runs out of time (PB_ERR_OVERLOADED). While children
- * keep dying young: PB_ERR_ENGINE_UNAVAILABLE with `*retry_after_ms`.
- */
-static pb_status ensure_child(pb_model *model, const child_waiter *waiter, uint64_t *generation,
-                              uint32_t *retry_after_ms, char *error, size_t error_size) {
-    *retry_after_ms = 0;
-    pthread_mutex_lock(&model->lock);
-    pb_status status = PB_OK;
-    uint64_t awaited = 0; /* the respawn this call waits for */
-    while (status == PB_OK) {
-        int wait_status;
-        if (atomic_load(&model->closing)) {
-            plugin_set_error(error, error_size, "The model is being unloaded.");
-            status = PB_ERR_ENGINE_UNAVAILABLE;
-            break;
-        }
-        if (model->state == CHILD_UP) {
-            if (!child_exited(model->pid, &wait_status)) break;
-            child_died(model, wait_status);
-        }
-        if (model->state == CHILD_DOWN) status = begin_respawn(model, awaited, retry_after_ms, error, error_size);
-        if (status != PB_OK) break;
-        awaited = model->respawns;
-        status = wait_for_respawn(model, waiter, retry_after_ms, error, error_size);
-    }
-    *generation = model->generation;
-    pthread_mutex_unlock(&model->lock);
-    return status;
-}
-
-/* Why a transfer to child `generation` broke: the child died, or something else on the way. */
-static void describe_lost_connection(pb_model *model, uint64_t generation, const char *transfer_error, char *out,
-                                     size_t size) {
-    pthread_mutex_lock(&model->lock);
-    int wait_status;
-    if (model->state == CHILD_UP && model->generation == generation && child_exited(model->pid, &wait_status))
-        child_died(model, wait_status);
-    if (model->state != CHILD_UP || model->generation != generation)
-        plugin_set_error(out, size, "Lost connection to the model server: llama-server exited (%s). It is restarted "
-                         "on the next request.", model->last_exit);
-    else
-        plugin_set_error(out, size, "Lost connection to the model server (%s).", transfer_error);
-    pthread_mutex_unlock(&model->lock);
-}
+static void url_for(const char *path, char *out, size_t size) { snprintf(out, size, UPSTREAM_BASE_URL "%s", path); }
 
 /* ─── Load and unload ──────────────────────────────────────────────────── */
 
@@ -432,7 +119,7 @@ static json_value *get_json(pb_model *model, const char *path) {
     long status = upstream_request(model->socket_path, url, model->api_key, NULL, 10000, &reply, NULL, error,
                                    sizeof error);
     if (status == 200) parsed = json_parse(reply.data);
-    if (!parsed) plugin_log(g_host, PB_LOG_WARNING, "could not read %s from llama-server: %s", path,
+    if (!parsed) plugin_log(plugin_host, PB_LOG_WARNING, "could not read %s from llama-server: %s", path,
                             status ? "an unreadable reply" : error);
     jb_free(&reply);
     return parsed;
@@ -480,12 +167,12 @@ static void read_model_facts(pb_model *model) {
 /* What the operator may wonder about later: the context chosen, and the projector. */
 static void log_launch_choices(const pb_model *model) {
     const launch_config *c = &model->config;
-    plugin_log(g_host, PB_LOG_INFO, "context for %s: %lld tokens (training context %lld)", c->model_path,
+    plugin_log(plugin_host, PB_LOG_INFO, "context for %s: %lld tokens (training context %lld)", c->model_path,
                (long long)c->context_size, (long long)c->training_context);
     if (c->mmproj_path) {
-        plugin_log(g_host, PB_LOG_INFO, "vision projector for %s: %s", c->model_path, c->mmproj_path);
+        plugin_log(plugin_host, PB_LOG_INFO, "vision projector for %s: %s", c->model_path, c->mmproj_path);
     } else if (c->unmatched_projectors) {
-        plugin_log(g_host, PB_LOG_INFO, "no vision projector for %s: none of the %d beside it matches its name; "
+        plugin_log(plugin_host, PB_LOG_INFO, "no vision projector for %s: none of the %d beside it matches its name; "
                    "'mmproj_path' chooses one", c->model_path, c->unmatched_projectors);
     }
 }
@@ -493,27 +180,24 @@ static void log_launch_choices(const pb_model *model) {
 static pb_model *model_new(void) {
     pb_model *model = calloc(1, sizeof *model);
     if (!model) return NULL;
-    pthread_mutex_init(&model->lock, NULL);
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC); /* wait_changed's clock */
-    pthread_cond_init(&model->changed, &attr);
-    pthread_condattr_destroy(&attr);
+    /* The supervisor reads these when a child starts: prepare_model fills them first. */
+    supervised_child child = {.config = &model->config, .socket_path = model->socket_path,
+                              .log_path = model->log_path, .api_key = model->api_key};
+    model->child = supervisor_create(&child);
+    if (!model->child) {
+        free(model);
+        return NULL;
+    }
     return model;
 }
 
 static void model_free(pb_model *model) {
-    atomic_store(&model->closing, 1);
-    /* A respawn under way sees `closing` at its next health poll and stops its child. */
-    if (model->has_respawner) pthread_join(model->respawner, NULL);
-    if (model->pid > 0) child_stop(model->pid, 3000);
+    supervisor_destroy(model->child); /* no respawn, no child left */
     if (*model->socket_path) unlink(model->socket_path);
     if (*model->log_path) unlink(model->log_path);
     if (model->config.template_path) unlink(model->config.template_path);
     if (*model->work_dir) rmdir(model->work_dir);
     launch_config_free(&model->config);
-    pthread_cond_destroy(&model->changed);
-    pthread_mutex_destroy(&model->lock);
     explicit_bzero(model->api_key, sizeof model->api_key);
     free(model);
 }
@@ -553,16 +237,12 @@ static pb_status llama_load(const char *request_json, const pb_load_callbacks *h
         plugin_set_error(error, error_size, "Out of memory.");
         return PB_ERR_OUT_OF_MEMORY;
     }
-    pid_t pid = 0;
     pb_status status = prepare_model(model, request_json, error, error_size);
-    if (status == PB_OK) status = start_child(model, callbacks, &pid, error, error_size);
+    if (status == PB_OK) status = supervisor_start(model->child, callbacks, model->model_bytes, error, error_size);
     if (status != PB_OK) {
         model_free(model);
         return status;
     }
-    pthread_mutex_lock(&model->lock);
-    child_came_up(model, pid);
-    pthread_mutex_unlock(&model->lock);
     read_model_facts(model);
     if (callbacks) callbacks->progress(callbacks->context, "ready", model->model_bytes, model->model_bytes);
     *out_model = model;
@@ -582,7 +262,7 @@ static void llama_model_info(pb_model *model, pb_model_info *info) {
 }
 
 static void llama_unload(pb_model *model) {
-    plugin_log(g_host, PB_LOG_INFO, "stopping llama-server for %s", model->config.model_path);
+    plugin_log(plugin_host, PB_LOG_INFO, "stopping llama-server for %s", model->config.model_path);
     model_free(model);
 }
 
@@ -599,7 +279,7 @@ struct pb_run {
     int is_completion;
     int64_t max_tokens;
     int64_t max_wall_ms;    /* 0: no budget */
-    uint64_t generation;    /* the child it talks to (ensure_child) */
+    uint64_t generation;    /* the child it talks to (supervisor_ensure_child) */
     char *request_id;       /* the host's HTTP request id, for the log; NULL if none */
 
     /* Set during run_execute. */
@@ -611,8 +291,6 @@ struct pb_run {
     int out_of_time;        /* the run's deadline closed the stream */
     int ended;              /* a terminal event was delivered */
 };
-
-static int host_minor(void) { return g_host ? g_host->abi_minor : 0; }
 
 static const char *finish_name(pb_finish_reason reason) {
     switch (reason) {
@@ -632,28 +310,16 @@ static void log_run_end(const pb_run *run, const pb_event *terminal) {
     if (!run->request_id) return;
     double took = plugin_now_ms() - run->started_ms;
     if (terminal->type == PB_EVENT_ERROR)
-        plugin_log(g_host, PB_LOG_INFO, "request %s: run ended with an error after %.0f ms: %.*s", run->request_id,
+        plugin_log(plugin_host, PB_LOG_INFO, "request %s: run ended with an error after %.0f ms: %.*s", run->request_id,
                    took, (int)terminal->text_len, terminal->text ? terminal->text : "");
     else
-        plugin_log(g_host, PB_LOG_INFO, "request %s: run ended (%s) after %.0f ms", run->request_id,
+        plugin_log(plugin_host, PB_LOG_INFO, "request %s: run ended (%s) after %.0f ms", run->request_id,
                    finish_name(terminal->finish_reason), took);
 }
 
-/* Every event goes out here, in the shape the host's ABI minor understands. */
+/* Every event goes out here, in the shape the host's ABI minor understands (plugin_emit). */
 static void emit(pb_run *run, pb_event *event) {
-    int minor = host_minor();
-    if (event->type == PB_EVENT_PROGRESS && minor < 1) return; /* a 1.0 host has no such event */
-    if (event->type == PB_EVENT_ERROR) {
-        event->error_code = status_for_host(event->error_code, minor);
-        if (minor < 1) event->retry_after_ms = 0;
-    }
-    if (event->type == PB_EVENT_FINISH && finish_for_host(event->finish_reason, minor) != event->finish_reason) {
-        event->finish_reason = finish_for_host(event->finish_reason, minor);
-        event->text = NULL; /* a 1.0 finish carries no text */
-        event->text_len = 0;
-    }
-    event->struct_size = sizeof *event;
-    run->sink->on_event(run->sink->context, event);
+    if (!plugin_emit(run->sink, event)) return; /* a 1.0 host has no such event (progress) */
     run->last_event_ms = plugin_now_ms();
     if (event->type == PB_EVENT_FINISH || event->type == PB_EVENT_ERROR) {
         run->ended = 1;
@@ -792,7 +458,8 @@ static void llama_run_execute(pb_run *run, const pb_event_sink *sink) {
     char message[2048];
     uint32_t retry_after_ms;
     child_waiter waiter = {.gives_up = run_gives_up, .context = run};
-    pb_status status = ensure_child(run->model, &waiter, &run->generation, &retry_after_ms, message, sizeof message);
+    pb_status status = supervisor_ensure_child(run->model->child, &waiter, &run->generation, &retry_after_ms, message,
+                                               sizeof message);
     if (status == PB_ERR_CANCELLED) {
         emit_finish(run, run->out_of_time ? PB_FINISH_TIME_LIMIT : PB_FINISH_CANCELLED, NULL);
         return;
@@ -803,7 +470,7 @@ static void llama_run_execute(pb_run *run, const pb_event_sink *sink) {
     }
     char url[128];
     url_for(run->is_completion ? "/v1/completions" : "/v1/chat/completions", url, sizeof url);
-    plugin_log(g_host, PB_LOG_DEBUG, "request %s: POST %s %s", run->request_id ? run->request_id : "-", url, run->body);
+    plugin_log(plugin_host, PB_LOG_DEBUG, "request %s: POST %s %s", run->request_id ? run->request_id : "-", url, run->body);
     long http_status = 0;
     char transfer_error[256] = "";
     upstream_result result = upstream_stream_run(run->stream, run->model->socket_path, url, run->model->api_key,
@@ -819,7 +486,7 @@ static void llama_run_execute(pb_run *run, const pb_event_sink *sink) {
         emit_error(run, PB_ERR_TIMED_OUT, message, DEFAULT_RETRY_AFTER_MS);
         return;
     case UPSTREAM_FAILED:
-        describe_lost_connection(run->model, run->generation, transfer_error, message, sizeof message);
+        supervisor_lost_connection(run->model->child, run->generation, transfer_error, message, sizeof message);
         emit_error(run, PB_ERR_ENGINE_UNAVAILABLE, message, 0);
         return;
     case UPSTREAM_ABORTED:
@@ -866,8 +533,8 @@ static pb_status post_json(pb_model *model, const char *path, const char *body, 
     uint64_t generation;
     uint32_t retry_after_ms; /* these calls return only a status: the host chooses when to retry */
     child_waiter waiter = {.deadline_ms = plugin_now_ms() + POST_TIMEOUT_MS};
-    pb_status status = ensure_child(model, &waiter, &generation, &retry_after_ms, error, error_size);
-    if (status != PB_OK) return status_for_host(status, host_minor());
+    pb_status status = supervisor_ensure_child(model->child, &waiter, &generation, &retry_after_ms, error, error_size);
+    if (status != PB_OK) return plugin_status_for_host(status);
     url_for(path, url, sizeof url);
     json_buffer reply;
     jb_init(&reply);
@@ -879,7 +546,7 @@ static pb_status post_json(pb_model *model, const char *path, const char *body, 
         plugin_set_error(error, error_size, "llama-server did not answer %s within %d s.", path, POST_TIMEOUT_MS / 1000);
         status = PB_ERR_TIMED_OUT;
     } else if (http_status == 0) {
-        describe_lost_connection(model, generation, transfer_error, error, error_size);
+        supervisor_lost_connection(model->child, generation, transfer_error, error, error_size);
         status = PB_ERR_ENGINE_UNAVAILABLE;
     } else if (http_status != 200) {
         status = map_upstream_error(http_status, reply.data, info.retry_after_ms, error, error_size, &retry_after_ms);
@@ -888,7 +555,7 @@ static pb_status post_json(pb_model *model, const char *path, const char *body, 
         status = PB_ERR_INTERNAL;
     }
     jb_free(&reply);
-    return status_for_host(status, host_minor());
+    return plugin_status_for_host(status);
 }
 
 static pb_status llama_count_tokens(pb_model *model, const char *request_json, int64_t *out_count, char *error,
@@ -1020,14 +687,15 @@ static const pb_plugin_api llama_server_api = {
     .shutdown = llama_shutdown,
 };
 
-PB_EXPORT const pb_plugin_api *pb_plugin_entry(const pb_host_api *host) {
-    if (!host || host->abi_major != PB_ABI_VERSION_MAJOR) return NULL;
-    g_host = host;
+/* Once a host is accepted: libcurl's global state, once per process; without it, no host. */
+static int start(const pb_host_api *host) {
     static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
     pthread_once(&curl_once, init_curl);
     if (!g_curl_ready) {
-        plugin_log(g_host, PB_LOG_ERROR, "libcurl could not be initialised");
-        return NULL;
+        plugin_log(host, PB_LOG_ERROR, "libcurl could not be initialised");
+        return 1;
     }
-    return &llama_server_api;
+    return 0;
 }
+
+PB_PLUGIN_ENTRY(llama_server_api, 0, start)

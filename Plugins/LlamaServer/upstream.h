@@ -14,6 +14,9 @@
 
 #include "json_buffer.h"
 
+/** Every URL's start: the host part means nothing, the socket goes through CURLOPT_UNIX_SOCKET_PATH. */
+#define UPSTREAM_BASE_URL "http://localhost"
+
 /** Call once per process, before any other function here. */
 int upstream_global_init(void);
 /** Releases libcurl's global state; call once, after the last request (the plugin's shutdown). */
