@@ -232,3 +232,24 @@ def test_shutdown_refuses_new_generations_and_a_second_signal_ends_the_grace(wor
         assert read_stats(stats)["active_runs"] == 0
     finally:
         server.stop()  # it exited already: this checks that it exited 0 and logged no crash
+
+
+def test_a_stream_whose_whole_answer_is_ready_at_once_ends_after_its_last_event(server):
+    """A zero-delay engine may have sent everything, the terminal event too, before the host
+    first reads: the stream must still end right after it, in every dialect, not go on with
+    keep-alive comments. Many tiny runs, because which read sees the end is a race."""
+    server.load("instant", reply="hi")
+    requests = [("/v1/chat/completions", chat_body("instant", max_tokens=1, stream=True), b"data: [DONE]"),
+                ("/v1/completions", {"model": "instant", "prompt": "x", "max_tokens": 1, "stream": True}, b"data: [DONE]"),
+                ("/v1/messages", {"model": "instant", "max_tokens": 1, "stream": True,
+                                  "messages": [{"role": "user", "content": "hi"}]}, b"event: message_stop"),
+                ("/v1/responses", {"model": "instant", "input": "hi", "max_output_tokens": 1, "stream": True},
+                 b"event: response.completed")]
+    for round_index in range(100):
+        for path, body, last in requests:
+            data = json.dumps(body).encode()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(data)) + data)
+                received = read_until_closed(sock, timeout=10)
+            assert last in received, (path, round_index, received[-300:])

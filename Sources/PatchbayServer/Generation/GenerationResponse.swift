@@ -73,7 +73,9 @@ struct GenerationResponse<Route: GenerationRoute>: Sendable {
         guard try await generation.waitTurn(patience: keepAlive) else { return eventStream(plan: plan, output: nil, first: []) }
         try generation.start(plan.request)
         var output = EventOutput(plan: plan, record: generation.record, metrics: server.metrics)
-        return eventStream(plan: plan, output: output, first: try await firstEvents(&output))
+        // `output` goes to the body as firstEvents left it: it may have seen the terminal event.
+        let first = try await firstEvents(&output)
+        return eventStream(plan: plan, output: output, first: first)
     }
 
     /// The run's events until its first output, for at most one keep-alive interval (an
@@ -107,8 +109,7 @@ struct GenerationResponse<Route: GenerationRoute>: Sendable {
                 }
                 var output = output ?? EventOutput(plan: plan, record: generation.record, metrics: server.metrics)
                 if generation.run == nil { try generation.start(plan.request) }
-                var pending: [GenerationEvent]? = first
-                try await pump(&output, startingWith: pending.take()) { events in
+                try await pump(&output, startingWith: first) { events in
                     var out: [UInt8] = []
                     for event in events { encoder?.encode(event, into: &out) }
                     if events.allSatisfy(\.isProgress) {
@@ -147,16 +148,19 @@ struct GenerationResponse<Route: GenerationRoute>: Sendable {
     /// the engine is silent. If `body` throws (the client went away), the run is cancelled.
     private func pump(_ output: inout EventOutput, startingWith first: [GenerationEvent]? = nil,
                       _ body: ([GenerationEvent]) async throws -> Void) async throws {
-        var pending = first
-        while !output.finished {
-            let batch: [GenerationEvent]
-            if let taken = pending.take() { batch = taken } else { batch = output.take(await generation.nextEvents()) }
+        func deliver(_ batch: [GenerationEvent]) async throws {
             do {
                 try await body(batch)
             } catch {
                 generation.cancel()
                 throw error
             }
+        }
+        // `first` was taken already: it may hold the terminal event (an engine that was done
+        // before the first read), so it goes out whether or not `output` is finished.
+        if let first { try await deliver(first) }
+        while !output.finished {
+            try await deliver(output.take(await generation.nextEvents()))
         }
     }
 }
@@ -234,14 +238,6 @@ struct Silence {
         var out: [UInt8] = []
         SSE.comment(phase.silenceComment, into: &out)
         return out
-    }
-}
-
-extension Optional {
-    /// The value, leaving nil behind.
-    mutating func take() -> Wrapped? {
-        defer { self = nil }
-        return self
     }
 }
 
