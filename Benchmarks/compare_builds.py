@@ -64,7 +64,7 @@ def main():
     parser.add_argument("base", type=Path, help="the build folder to compare against")
     parser.add_argument("new", type=Path, help="the build folder of the change")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--host-args", default="--streams 32 --tokens 5000 --cancel-rounds 50")
+    parser.add_argument("--host-args", default="--streams 32 --tokens 5000 --cancel-rounds 200")
     parser.add_argument("--llama-args", default="--rounds 4 --cancels 6 --prompt-rounds 1 --skip-defaults")
     args = parser.parse_args()
     builds = {"base": args.base.resolve(), "new": args.new.resolve()}
