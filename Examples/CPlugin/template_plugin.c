@@ -38,7 +38,6 @@
 
 #include <errno.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,24 +55,6 @@
 /* How many runs of one model may decode at once (model_info's parallel_slots): the host queues
  * the rest. Each run here decodes on its own host thread, so any number would do. */
 #define PARALLEL_SLOTS 4
-
-/* Writes a message into the caller's buffer, cut to fit without splitting a UTF-8 sequence. */
-static void set_error(char *error, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void set_error(char *error, size_t size, const char *fmt, ...) {
-    if (!error || size == 0) return;
-    char message[1024];
-    va_list args;
-    va_start(args, fmt);
-    int length = vsnprintf(message, sizeof message, fmt, args);
-    va_end(args);
-    size_t n = length < 0 ? 0 : strlen(message);
-    if (n > size - 1) {
-        n = size - 1;
-        while (n > 0 && ((unsigned char)message[n] & 0xC0) == 0x80) n--; /* back to a character's start */
-    }
-    memcpy(error, message, n);
-    error[n] = '\0';
-}
 
 static char *copy_string(const char *s) {
     size_t n = strlen(s) + 1;
@@ -140,7 +121,7 @@ static pb_status read_model(pb_model *m, FILE *f, char *error, size_t error_size
             long long n = strtoll(value, &end, 10);
             while (is_space(*end)) end++;
             if (errno || end == value || *end || n < 0) {
-                set_error(error, error_size, "%s:%d: %s must be a whole number", m->path, number, key);
+                plugin_set_error(error, error_size, "%s:%d: %s must be a whole number", m->path, number, key);
                 status = PB_ERR_LOAD_FAILED;
             } else if (!strcmp(key, "token_delay_ms")) {
                 m->token_delay_ms = n;
@@ -149,7 +130,7 @@ static pb_status read_model(pb_model *m, FILE *f, char *error, size_t error_size
             }
         }
     }
-    if (status == PB_ERR_OUT_OF_MEMORY) set_error(error, error_size, "out of memory");
+    if (status == PB_ERR_OUT_OF_MEMORY) plugin_set_error(error, error_size, "out of memory");
     free(line);
     return status;
 }
@@ -160,14 +141,14 @@ static pb_status echo_load(const char *request_json, const pb_load_callbacks *ca
     const char *path = json_get_string(request, "model_path");
     if (!path) {
         json_free(request);
-        set_error(error, error_size, "the load request has no model_path");
+        plugin_set_error(error, error_size, "the load request has no model_path");
         return PB_ERR_INVALID_REQUEST;
     }
     pb_model *m = calloc(1, sizeof *m);
     if (!m || !(m->path = copy_string(path))) {
         json_free(request);
         free_model(m);
-        set_error(error, error_size, "out of memory");
+        plugin_set_error(error, error_size, "out of memory");
         return PB_ERR_OUT_OF_MEMORY;
     }
     json_free(request);
@@ -175,7 +156,7 @@ static pb_status echo_load(const char *request_json, const pb_load_callbacks *ca
     FILE *f = fopen(m->path, "r");
     if (!f) {
         int failure = errno;
-        set_error(error, error_size, "cannot open %s: %s", m->path, strerror(failure));
+        plugin_set_error(error, error_size, "cannot open %s: %s", m->path, strerror(failure));
         free_model(m);
         return failure == ENOENT ? PB_ERR_NOT_FOUND : PB_ERR_LOAD_FAILED;
     }
@@ -192,7 +173,7 @@ static pb_status echo_load(const char *request_json, const pb_load_callbacks *ca
      * non-zero answer means the host cancelled the load. */
     if (callbacks && PB_HAS(callbacks, progress) && callbacks->progress &&
         callbacks->progress(callbacks->context, "ready", m->size_bytes, m->size_bytes) != 0) {
-        set_error(error, error_size, "the load of %s was cancelled", m->path);
+        plugin_set_error(error, error_size, "the load of %s was cancelled", m->path);
         free_model(m);
         return PB_ERR_CANCELLED;
     }
@@ -225,7 +206,7 @@ static int32_t echo_probe(const char *model_path, char *detail, size_t detail_si
     FILE *f = fopen(model_path, "r");
     if (!f) return 0;
     fclose(f);
-    set_error(detail, detail_size, "a text file for the echo engine");
+    plugin_set_error(detail, detail_size, "a text file for the echo engine");
     return 100; /* exactly my format */
 }
 
@@ -279,15 +260,15 @@ static pb_status prepare_run(pb_run *run, const pb_model *m, const json_value *r
         if (!(echo = copy_string(prompt ? prompt : ""))) goto out_of_memory;
         run->prompt_tokens = count_words(echo);
     } else if (kind) {
-        set_error(error, error_size, "this backend does not serve requests of kind '%s'", kind);
+        plugin_set_error(error, error_size, "this backend does not serve requests of kind '%s'", kind);
         return PB_ERR_UNSUPPORTED;
     } else {
-        set_error(error, error_size, "the request has no kind");
+        plugin_set_error(error, error_size, "the request has no kind");
         return PB_ERR_INVALID_REQUEST;
     }
     if (run->prompt_tokens > m->context_length) {
         free(echo);
-        set_error(error, error_size, "the prompt (%lld tokens) exceeds the context (%lld tokens)",
+        plugin_set_error(error, error_size, "the prompt (%lld tokens) exceeds the context (%lld tokens)",
                   (long long)run->prompt_tokens, (long long)m->context_length);
         return PB_ERR_CONTEXT_LENGTH_EXCEEDED;
     }
@@ -311,7 +292,7 @@ static pb_status prepare_run(pb_run *run, const pb_model *m, const json_value *r
     snprintf(run->request_id, sizeof run->request_id, "%s", request_id ? request_id : "-");
     return PB_OK;
 out_of_memory:
-    set_error(error, error_size, "out of memory");
+    plugin_set_error(error, error_size, "out of memory");
     return PB_ERR_OUT_OF_MEMORY;
 }
 
@@ -328,13 +309,13 @@ static pb_status echo_run_create(pb_model *m, const char *request_json, pb_run *
     json_value *request = json_parse(request_json);
     if (!request || request->kind != JSON_OBJECT) {
         json_free(request);
-        set_error(error, error_size, "the request is not a JSON object");
+        plugin_set_error(error, error_size, "the request is not a JSON object");
         return PB_ERR_INVALID_REQUEST;
     }
     pb_run *run = calloc(1, sizeof *run);
     if (!run) {
         json_free(request);
-        set_error(error, error_size, "out of memory");
+        plugin_set_error(error, error_size, "out of memory");
         return PB_ERR_OUT_OF_MEMORY;
     }
     pthread_mutex_init(&run->lock, NULL);

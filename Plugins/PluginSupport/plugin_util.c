@@ -18,8 +18,18 @@ void plugin_set_error(char *error, size_t size, const char *fmt, ...) {
     if (!error || size == 0) return;
     va_list args;
     va_start(args, fmt);
-    vsnprintf(error, size, fmt, args);
+    int length = vsnprintf(error, size, fmt, args);
     va_end(args);
+    /* Cut short: drop a last character that lost bytes, so the message stays valid UTF-8. */
+    if (length >= 0 && (size_t)length >= size) {
+        size_t kept = size - 1, start = kept;
+        while (start > 0 && ((unsigned char)error[start - 1] & 0xC0) == 0x80) start--;
+        if (start > 0) {
+            unsigned char lead = (unsigned char)error[start - 1];
+            size_t width = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
+            if (kept - (start - 1) < width) error[start - 1] = '\0';
+        }
+    }
 }
 
 double plugin_now_ms(void) {

@@ -11,7 +11,7 @@
 
 /** A line to the host's log (nothing when `host` is NULL); longer lines are cut at 1 KiB. */
 void plugin_log(const pb_host_api *host, pb_log_level level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-/** Fills a caller's error buffer, as every ABI call that fails must. */
+/** Fills a caller's error buffer, as every ABI call that fails must; a message cut to fit never splits a UTF-8 character. */
 void plugin_set_error(char *error, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /** Milliseconds on the monotonic clock. */
 double plugin_now_ms(void);
